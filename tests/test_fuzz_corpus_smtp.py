@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fuzz" / "corpus" / "smtp"
+#: attack cases shared with the e2e tests (tests/attacks/README.md)
+ATTACKS = ROOT / "tests" / "attacks" / "smtp"
 
 
 def _load_entry() -> Callable[[bytes], None]:
@@ -40,6 +42,17 @@ def test_corpus_is_curated() -> None:
 @pytest.mark.parametrize("seed", SEEDS, ids=[seed.name for seed in SEEDS])
 def test_seed(seed: Path) -> None:
     check_input(seed.read_bytes())
+
+
+ATTACK_FILES = sorted(ATTACKS.iterdir())
+
+
+@pytest.mark.parametrize("case", ATTACK_FILES, ids=[c.name for c in ATTACK_FILES])
+def test_attack_case(case: Path) -> None:
+    raw = case.read_bytes().replace(b"{S}", b"fuzz")
+    if case.suffix == ".body":  # a body: put it in a session so DATA mode sees it
+        raw = b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n" + raw + b"\r\n.\r\nQUIT\r\n"
+    check_input(raw)
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ def proxy_v2_header(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     return signature + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
 
 
-def smtp_over(sock: socket.socket) -> smtplib.SMTP:  # noqa: TID251 (a test client)
+def smtp_over(sock: socket.socket) -> smtplib.SMTP:
     """An smtplib client on an already connected socket (reads the greeting)."""
     client = smtplib.SMTP(timeout=10)
     client.sock = sock

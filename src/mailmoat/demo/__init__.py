@@ -1,0 +1,196 @@
+"""``mailmoat demo``: mailmoat on embedded defaults in front of backends it starts.
+
+The demo writes a real config file (``<data_dir>/mailmoat.toml``, the same
+format ``mailmoat run -c`` reads), a self-signed certificate, and starts a
+backend: a private Postfix instance under ``<data_dir>/postfix`` when Postfix
+is installed, else the built-in sink (:mod:`mailmoat.demo.sink`) that stores
+messages under ``<data_dir>/mail``.  It then prints the ports and how to try
+them, and runs the node until Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import trio
+
+from mailmoat.app import ListenError, Node, run_node
+from mailmoat.config import ConfigErrors, load_config
+
+from .certs import ensure_self_signed
+
+DEMO_DOMAIN = "mailmoat.test"
+
+_CONFIG = """\
+# Written by `mailmoat demo`. Run it yourself with: mailmoat run -c {config}
+[node]
+name = "demo"
+data_dir = "{data_dir}"
+drain_timeout = 5
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+min_version = "1.2"
+
+[log]
+events = "{events}"
+
+[[listener]]
+name = "smtp"
+protocol = "smtp"
+listen = "{host}:{smtp}"
+tls = "starttls"
+backend = "mx"
+
+[[listener]]
+name = "submission"
+protocol = "smtp"
+listen = "{host}:{submission}"
+tls = "starttls"
+require_tls = true
+backend = "submission"
+
+[[listener]]
+name = "smtps"
+protocol = "smtp"
+listen = "{host}:{smtps}"
+tls = "implicit"
+backend = "submission"
+
+[[backend]]
+name = "mx"
+address = "127.0.0.1:{mx_port}"
+
+[[backend]]
+name = "submission"
+address = "127.0.0.1:{sub_port}"
+"""
+
+
+def _banner(node: Node, data_dir: Path, backend_desc: str, mail_dir: str) -> str:
+    b = node.bound
+    smtp, sub, smtps = (str(b[n][0]) for n in ("smtp", "submission", "smtps"))
+    sp, subp, smtpsp = (b[n][0].port for n in ("smtp", "submission", "smtps"))
+    host = b["smtp"][0].host
+    return f"""
+mailmoat demo is running (node "demo", files in {data_dir})
+
+  listener     address            TLS
+  smtp         {smtp:<18} STARTTLS offered        -> {backend_desc}
+  submission   {sub:<18} STARTTLS required
+  smtps        {smtps:<18} implicit TLS
+
+Try it:
+  swaks --server {host}:{sp} --to alice@{DEMO_DOMAIN}
+  swaks --server {host}:{subp} -tls --to bob@{DEMO_DOMAIN}
+  swaks --server {host}:{smtpsp} --tls-on-connect --to carol@{DEMO_DOMAIN}
+  python3 -c "import smtplib; s = smtplib.SMTP('{host}', {sp}); s.starttls(); \\
+s.sendmail('me@example.org', ['alice@{DEMO_DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhello'); s.quit()"
+  openssl s_client -connect {host}:{smtpsp} -quiet      (then type EHLO me)
+
+Delivered mail:  {mail_dir}
+Config:          {data_dir / "mailmoat.toml"}  (mailmoat run -c that file does the same)
+Events (JSON lines, one per session open/TLS/close) follow on stdout.
+Stop with Ctrl-C.
+"""
+
+
+def run_demo(
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port_base: int = 10000,
+    backend: Literal["auto", "postfix", "sink"] = "auto",
+) -> int:
+    from .postfix import (
+        PostfixError,
+        PostfixInstance,
+        PostfixPorts,
+        find_free_port,
+        postfix_available,
+    )
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cert, key = ensure_self_signed(data_dir / "tls")
+    use_postfix = backend == "postfix" or (backend == "auto" and postfix_available())
+    if backend == "postfix" and not postfix_available():
+        print("mailmoat demo: Postfix is not installed (apt-get install postfix)", file=sys.stderr)
+        return 1
+    postfix: PostfixInstance | None = None
+    if use_postfix:
+        ports = PostfixPorts(smtp=find_free_port(), submission=find_free_port())
+        # Postfix's daemons (users postfix, nobody) must reach its directory;
+        # data_dir may sit under a 0700 home, so the instance lives in /tmp.
+        root = Path(tempfile.mkdtemp(prefix="mailmoat-demo-postfix-"))
+        postfix = PostfixInstance(root, ports, domain=DEMO_DOMAIN, cert_file=cert, key_file=key)
+        try:
+            postfix.start()
+        except PostfixError as exc:
+            print(f"mailmoat demo: could not start Postfix: {exc}", file=sys.stderr)
+            return 1
+        mx_port, sub_port = ports.smtp, ports.submission or ports.smtp
+        backend_desc = f"Postfix 127.0.0.1:{mx_port} (submission {sub_port})"
+        mail_dir = str(postfix.maildir("alice").parent) + "/<user>/"
+    else:
+        mx_port = sub_port = find_free_port()
+        backend_desc = f"built-in sink 127.0.0.1:{mx_port}"
+        mail_dir = str(data_dir / "mail") + "/"
+    config_path = data_dir / "mailmoat.toml"
+    config_path.write_text(
+        _CONFIG.format(
+            config=config_path,
+            data_dir=data_dir,
+            cert=cert,
+            key=key,
+            events="stdout",
+            host=host,
+            smtp=port_base + 25,
+            submission=port_base + 587,
+            smtps=port_base + 465,
+            mx_port=mx_port,
+            sub_port=sub_port,
+        ),
+        encoding="utf-8",
+    )
+    try:
+        config = load_config(config_path)
+    except ConfigErrors as exc:  # pragma: no cover - the template is tested
+        print(f"mailmoat demo: {exc}", file=sys.stderr)
+        return 1
+
+    failure: list[ListenError] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            if postfix is None:
+                from .sink import serve_sink
+
+                port = await nursery.start(serve_sink, data_dir / "mail", "127.0.0.1", mx_port)
+                assert port == mx_port
+
+            def ready(node: Node) -> None:
+                print(_banner(node, data_dir, backend_desc, mail_dir), flush=True)
+
+            try:
+                await run_node(config, on_ready=ready)
+            except ListenError as exc:
+                failure.append(exc)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        if postfix is not None:
+            postfix.stop()
+            shutil.rmtree(postfix.root, ignore_errors=True)
+    if failure:
+        print(f"mailmoat demo: {failure[0]} (use --port-base to move the demo)", file=sys.stderr)
+        return 1
+    return 0

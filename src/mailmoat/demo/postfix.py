@@ -94,7 +94,7 @@ def postfix_available() -> bool:
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that is free right now (the kernel picks it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:  # noqa: TID251 (setup helper, not proxy I/O)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
@@ -415,7 +415,7 @@ class PostfixInstance:
             # Postfix re-reads a configuration/table file that changed within the last
             # second until it is "stable" (dict_load_file: ~2 s of 300 ms naps).  Our
             # files are written in one go, so date them back.
-            past = time.time() - 60  # noqa: TID251 (file timestamps are wall-clock)
+            past = time.time() - 60
             os.utime(path, (past, past))
         self.log_path.touch()
         os.chmod(self.log_path, 0o600)

@@ -1,0 +1,675 @@
+"""Configuration: the TOML file of DESIGN.md §4, validated into frozen objects.
+
+Contract: :func:`load_config` either returns a complete, consistent
+:class:`Config` or raises :class:`ConfigErrors` listing *every* problem it
+found, each as ``file:line: message`` with the fix in the message.  Nothing
+downstream re-validates; a running node never sees a half-valid config.
+
+``tomllib`` does not report where a key was written, so :class:`_Locator`
+scans the source once and remembers the line of every table header and
+``key =`` assignment; a message about ``[[listener]]`` number 2, key
+``listen`` then points at that line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast, final
+
+from .errors import ConfigError, MailmoatError
+
+TlsMode = Literal["none", "starttls", "implicit"]
+Protocol = Literal["smtp", "imap", "http"]
+Identity = Literal["none", "xclient", "proxy-v2", "imap-id", "forwarded"]
+
+TLS_MODES: tuple[TlsMode, ...] = ("none", "starttls", "implicit")
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+#: protocols this version can proxy; the others are reserved by DESIGN.md §4
+SUPPORTED_PROTOCOLS: tuple[Protocol, ...] = ("smtp",)
+SUPPORTED_IDENTITIES: tuple[Identity, ...] = ("none", "xclient", "proxy-v2")
+
+
+@final
+class ConfigErrors(MailmoatError):
+    """Every problem found in one config file."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = tuple(errors)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port; ``host`` is an IP literal (or a name, for backends)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CertConfig:
+    cert: Path
+    key: Path
+    line: int | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    certs: tuple[CertConfig, ...] = ()
+    min_version: str = "1.2"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str = "mailmoat"
+    data_dir: Path = Path("/var/lib/mailmoat")
+    mode: Literal["enforce", "detect"] = "enforce"
+    drain_timeout: float = 30.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    #: ``"stdout"``, ``"stderr"``, ``"none"`` or a file path for the JSON-lines event stream
+    events: str = "stdout"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SmtpLimitsConfig:
+    max_command_line: int = 512
+    max_text_line: int | None = 1000
+    max_message_size: int = 50 * 1024 * 1024
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    protocol: Protocol
+    listen: tuple[Address, ...]
+    backend: str
+    tls: TlsMode = "none"
+    require_tls: bool = False
+    hostname: str = ""
+    idle_timeout: float = 300.0
+    tls_handshake_timeout: float = 30.0
+    max_sessions: int = 1000
+    greet_delay: float = 0.0
+    bare_newline: Literal["reject", "normalize"] = "reject"
+    max_errors: int = 20
+    limits: SmtpLimitsConfig = field(default_factory=SmtpLimitsConfig)
+    line: int | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    address: tuple[Address, ...]
+    tls: TlsMode = "none"
+    verify: bool = True
+    ca: Path | None = None
+    pin_sha256: bytes | None = None
+    server_name: str | None = None
+    client_identity: Identity = "none"
+    connect_timeout: float = 10.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    line: int | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path | None
+    node: NodeConfig
+    tls: TlsConfig
+    log: LogConfig
+    listeners: tuple[ListenerConfig, ...]
+    backends: Mapping[str, BackendConfig]
+
+
+# --------------------------------------------------------------------------- locating
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"]+)\s*\]\]?")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+
+
+@final
+class _Locator:
+    """Maps (table, index, key) to the line where it was written."""
+
+    def __init__(self, text: str) -> None:
+        self.tables: dict[tuple[str, int], int] = {}
+        self.keys: dict[tuple[str, int, str], int] = {}
+        counts: dict[str, int] = {}
+        current = ("", 0)
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if m := _HEADER.match(line):
+                name = m.group(2).replace('"', "")
+                if m.group(1) == "[[":
+                    idx = counts.get(name, -1) + 1
+                    counts[name] = idx
+                else:
+                    idx = 0
+                current = (name, idx)
+                self.tables.setdefault(current, lineno)
+            elif m := _KEY.match(line):
+                self.keys.setdefault((current[0], current[1], m.group(1)), lineno)
+
+    def line(self, table: str, index: int = 0, key: str | None = None) -> int | None:
+        if key is not None and (found := self.keys.get((table, index, key))) is not None:
+            return found
+        return self.tables.get((table, index))
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+@final
+class _Ctx:
+    """Error collector for one file."""
+
+    def __init__(self, path: Path | None, locator: _Locator) -> None:
+        self.path = str(path) if path is not None else "<config>"
+        self.base = path.parent if path is not None else Path.cwd()
+        self.loc = locator
+        self.errors: list[ConfigError] = []
+
+    def error(self, message: str, table: str, index: int = 0, key: str | None = None) -> None:
+        self.errors.append(ConfigError(message, self.path, self.loc.line(table, index, key)))
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+
+def parse_address(value: str, *, allow_names: bool, allow_zero: bool = False) -> Address:
+    """Parse ``host:port`` / ``[v6]:port``; raises ValueError with the fix."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"bad address {value!r}: write IPv6 as '[::1]:587'")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"bad address {value!r}: expected 'host:port', e.g. '127.0.0.1:587'")
+        if ":" in host:
+            raise ValueError(f"bad address {value!r}: write IPv6 in brackets, e.g. '[::]:587'")
+    if not port_s.isdigit() or not (0 if allow_zero else 1) <= int(port_s) < 65536:
+        raise ValueError(f"bad port in {value!r}: expected a number from 1 to 65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host == "localhost" or (
+            allow_names and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?", host)
+        ):
+            pass
+        else:
+            raise ValueError(
+                f"bad address {value!r}: {host!r} is not an IP address"
+                + ("" if allow_names else " (listeners bind IP literals such as 0.0.0.0 or [::])")
+            ) from None
+    return Address(host, int(port_s))
+
+
+def _check_keys(
+    ctx: _Ctx, table: Mapping[str, Any], allowed: Sequence[str], name: str, index: int = 0
+) -> None:
+    for key in table:
+        if key not in allowed:
+            ctx.error(
+                f"unknown key {key!r} in [{name}]; allowed keys: {', '.join(allowed)}",
+                name,
+                index,
+                key,
+            )
+
+
+def _get(
+    ctx: _Ctx,
+    table: Mapping[str, Any],
+    key: str,
+    typ: type | tuple[type, ...],
+    default: Any,
+    name: str,
+    index: int = 0,
+) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    # bool is an int subclass: never accept true for a number
+    if isinstance(value, bool) and typ is not bool and not (isinstance(typ, tuple) and bool in typ):
+        ctx.error(f"{key} must be a number, not a boolean", name, index, key)
+        return default
+    if not isinstance(value, typ):
+        want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        ctx.error(f"{key} must be a {want}, got {type(value).__name__}", name, index, key)
+        return default
+    return value
+
+
+def _choice(
+    ctx: _Ctx,
+    table: Mapping[str, Any],
+    key: str,
+    choices: Sequence[str],
+    default: str,
+    name: str,
+    index: int = 0,
+) -> str:
+    value = _get(ctx, table, key, str, default, name, index)
+    if value not in choices:
+        ctx.error(
+            f"{key} = {value!r} is not one of: {', '.join(repr(c) for c in choices)}",
+            name,
+            index,
+            key,
+        )
+        return default
+    return cast(str, value)
+
+
+def _positive(
+    ctx: _Ctx, table: Mapping[str, Any], key: str, default: float, name: str, index: int = 0
+) -> float:
+    value = _get(ctx, table, key, (int, float), default, name, index)
+    if value <= 0:
+        ctx.error(f"{key} must be greater than 0", name, index, key)
+        return default
+    return float(value)
+
+
+def _addresses(
+    ctx: _Ctx, table: Mapping[str, Any], key: str, name: str, index: int, *, allow_names: bool
+) -> tuple[Address, ...]:
+    raw = table.get(key)
+    if raw is None:
+        ctx.error(f"{key} is required, e.g. {key} = '127.0.0.1:587'", name, index)
+        return ()
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        ctx.error(f"{key} must be an address string or a non-empty list of them", name, index, key)
+        return ()
+    out: list[Address] = []
+    for item in items:
+        try:
+            # port 0 on a listener: the kernel picks a free port (tests, demos)
+            out.append(parse_address(item, allow_names=allow_names, allow_zero=not allow_names))
+        except ValueError as exc:
+            ctx.error(str(exc), name, index, key)
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _node(ctx: _Ctx, raw: Mapping[str, Any]) -> NodeConfig:
+    _check_keys(ctx, raw, ("name", "data_dir", "mode", "drain_timeout"), "node")
+    d = NodeConfig()
+    name = _get(ctx, raw, "name", str, d.name, "node")
+    data_dir = _get(ctx, raw, "data_dir", str, None, "node")
+    mode = _choice(ctx, raw, "mode", ("enforce", "detect"), d.mode, "node")
+    drain = _positive(ctx, raw, "drain_timeout", d.drain_timeout, "node")
+    return NodeConfig(
+        name=name,
+        data_dir=ctx.resolve(data_dir) if data_dir else d.data_dir,
+        mode=cast(Literal["enforce", "detect"], mode),
+        drain_timeout=drain,
+    )
+
+
+def _tls(ctx: _Ctx, raw: Mapping[str, Any]) -> TlsConfig:
+    _check_keys(ctx, raw, ("cert", "key", "min_version"), "tls")
+    certs: list[CertConfig] = []
+    if "cert" in raw or "key" in raw:
+        cert = _get(ctx, raw, "cert", str, None, "tls")
+        key = _get(ctx, raw, "key", str, None, "tls")
+        if not cert or not key:
+            ctx.error("[tls] needs both cert and key (PEM files)", "tls")
+        else:
+            certs.append(
+                CertConfig(ctx.resolve(cert), ctx.resolve(key), ctx.loc.line("tls", 0, "cert"))
+            )
+    min_version = _choice(ctx, raw, "min_version", TLS_VERSIONS, "1.2", "tls")
+    return TlsConfig(tuple(certs), min_version)
+
+
+def _tls_certs(ctx: _Ctx, raw: Any) -> list[CertConfig]:
+    """``[[tls.cert]]`` tables: extra certificates picked by SNI."""
+    out: list[CertConfig] = []
+    if raw is None:
+        return out
+    if not isinstance(raw, list):
+        ctx.error("tls.cert must be written as [[tls.cert]] tables", "tls")
+        return out
+    for i, item in enumerate(raw):
+        _check_keys(ctx, item, ("cert", "key"), "tls.cert", i)
+        cert = _get(ctx, item, "cert", str, None, "tls.cert", i)
+        key = _get(ctx, item, "key", str, None, "tls.cert", i)
+        if not cert or not key:
+            ctx.error("[[tls.cert]] needs both cert and key", "tls.cert", i)
+            continue
+        out.append(CertConfig(ctx.resolve(cert), ctx.resolve(key), ctx.loc.line("tls.cert", i)))
+    return out
+
+
+def _log(ctx: _Ctx, raw: Mapping[str, Any]) -> LogConfig:
+    _check_keys(ctx, raw, ("events",), "log")
+    events = _get(ctx, raw, "events", str, "stdout", "log")
+    if events not in ("stdout", "stderr", "none"):
+        events = str(ctx.resolve(events))
+    return LogConfig(events=events)
+
+
+_LISTENER_KEYS = (
+    "name",
+    "protocol",
+    "listen",
+    "tls",
+    "require_tls",
+    "backend",
+    "hostname",
+    "idle_timeout",
+    "tls_handshake_timeout",
+    "max_sessions",
+    "greet_delay",
+    "bare_newline",
+    "max_errors",
+    "max_command_line",
+    "max_text_line",
+    "max_message_size",
+)
+
+
+def _listener(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> ListenerConfig | None:
+    t = "listener"
+    _check_keys(ctx, raw, _LISTENER_KEYS, t, i)
+    name = _get(ctx, raw, "name", str, f"listener-{i + 1}", t, i)
+    protocol = _choice(ctx, raw, "protocol", ("smtp", "imap", "http"), "smtp", t, i)
+    if "protocol" not in raw:
+        ctx.error("protocol is required: 'smtp', 'imap' or 'http'", t, i)
+    elif protocol not in SUPPORTED_PROTOCOLS:
+        ctx.error(
+            f"protocol {protocol!r} is not available in this version of mailmoat "
+            f"(supported: {', '.join(SUPPORTED_PROTOCOLS)})",
+            t,
+            i,
+            "protocol",
+        )
+    listen = _addresses(ctx, raw, "listen", t, i, allow_names=False)
+    tls = _choice(ctx, raw, "tls", TLS_MODES, "none", t, i)
+    require_tls = _get(ctx, raw, "require_tls", bool, False, t, i)
+    if require_tls and tls == "none":
+        ctx.error(
+            "require_tls = true needs tls = 'starttls' or 'implicit' on this listener",
+            t,
+            i,
+            "require_tls",
+        )
+    backend = _get(ctx, raw, "backend", str, "", t, i)
+    if not backend:
+        ctx.error("backend is required: the name of a [[backend]]", t, i)
+    max_line = int(_positive(ctx, raw, "max_command_line", 512, t, i))
+    if max_line < 512:
+        ctx.error(
+            "max_command_line must be at least 512 (RFC 5321 4.5.3.1.4)", t, i, "max_command_line"
+        )
+    text_line_raw = _get(ctx, raw, "max_text_line", int, 1000, t, i)
+    if text_line_raw != 0 and text_line_raw < 1000:
+        ctx.error(
+            "max_text_line must be at least 1000 (RFC 5321 4.5.3.1.6), or 0 to disable the check",
+            t,
+            i,
+            "max_text_line",
+        )
+    greet_delay = _get(ctx, raw, "greet_delay", (int, float), 0.0, t, i)
+    if not 0 <= greet_delay <= 30:
+        ctx.error("greet_delay must be between 0 and 30 seconds", t, i, "greet_delay")
+        greet_delay = 0.0
+    bare_newline = _choice(ctx, raw, "bare_newline", ("reject", "normalize"), "reject", t, i)
+    limits = SmtpLimitsConfig(
+        max_command_line=max_line,
+        max_text_line=text_line_raw or None,
+        max_message_size=int(_positive(ctx, raw, "max_message_size", 50 * 1024 * 1024, t, i)),
+    )
+    return ListenerConfig(
+        name=name,
+        protocol=cast(Protocol, protocol),
+        listen=listen,
+        backend=backend,
+        tls=cast(TlsMode, tls),
+        require_tls=require_tls,
+        hostname=_get(ctx, raw, "hostname", str, "", t, i),
+        idle_timeout=_positive(ctx, raw, "idle_timeout", 300.0, t, i),
+        tls_handshake_timeout=_positive(ctx, raw, "tls_handshake_timeout", 30.0, t, i),
+        max_sessions=int(_positive(ctx, raw, "max_sessions", 1000, t, i)),
+        greet_delay=float(greet_delay),
+        bare_newline=cast(Literal["reject", "normalize"], bare_newline),
+        max_errors=int(_positive(ctx, raw, "max_errors", 20, t, i)),
+        limits=limits,
+        line=ctx.loc.line(t, i),
+    )
+
+
+_BACKEND_KEYS = (
+    "name",
+    "address",
+    "tls",
+    "verify",
+    "ca",
+    "pin_sha256",
+    "server_name",
+    "client_identity",
+    "connect_timeout",
+    "command_timeout",
+    "data_timeout",
+)
+
+
+def _backend(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> BackendConfig | None:
+    t = "backend"
+    _check_keys(ctx, raw, _BACKEND_KEYS, t, i)
+    name = _get(ctx, raw, "name", str, "", t, i)
+    if not name:
+        ctx.error("name is required, e.g. name = 'postfix'", t, i)
+    address = _addresses(ctx, raw, "address", t, i, allow_names=True)
+    tls = _choice(ctx, raw, "tls", TLS_MODES, "none", t, i)
+    verify = _get(ctx, raw, "verify", bool, True, t, i)
+    ca_raw = _get(ctx, raw, "ca", str, None, t, i)
+    ca = ctx.resolve(ca_raw) if ca_raw else None
+    if ca is not None and not ca.is_file():
+        ctx.error(f"ca file {str(ca)!r} does not exist", t, i, "ca")
+    pin_raw = _get(ctx, raw, "pin_sha256", str, None, t, i)
+    pin: bytes | None = None
+    if pin_raw is not None:
+        try:
+            pin = bytes.fromhex(pin_raw.replace(":", ""))
+        except ValueError:
+            pin = None
+        if pin is None or len(pin) != 32:
+            ctx.error(
+                "pin_sha256 must be the hex SHA-256 of the backend's public key (64 hex digits); "
+                "get it with: openssl x509 -in cert.pem -pubkey -noout | openssl pkey -pubin "
+                "-outform der | sha256sum",
+                t,
+                i,
+                "pin_sha256",
+            )
+            pin = None
+    if tls == "none" and (ca is not None or pin is not None):
+        ctx.error(
+            "ca / pin_sha256 only make sense with tls = 'starttls' or 'implicit'", t, i, "tls"
+        )
+    identity = _choice(
+        ctx,
+        raw,
+        "client_identity",
+        ("none", "xclient", "proxy-v2", "imap-id", "forwarded"),
+        "none",
+        t,
+        i,
+    )
+    if identity not in SUPPORTED_IDENTITIES:
+        ctx.error(
+            f"client_identity = {identity!r} is not available in this version of mailmoat "
+            f"(supported: {', '.join(SUPPORTED_IDENTITIES)})",
+            t,
+            i,
+            "client_identity",
+        )
+    return BackendConfig(
+        name=name,
+        address=address,
+        tls=cast(TlsMode, tls),
+        verify=verify,
+        ca=ca,
+        pin_sha256=pin,
+        server_name=_get(ctx, raw, "server_name", str, None, t, i),
+        client_identity=cast(Identity, identity),
+        connect_timeout=_positive(ctx, raw, "connect_timeout", 10.0, t, i),
+        command_timeout=_positive(ctx, raw, "command_timeout", 300.0, t, i),
+        data_timeout=_positive(ctx, raw, "data_timeout", 600.0, t, i),
+        line=ctx.loc.line(t, i),
+    )
+
+
+_TOP_KEYS = ("node", "tls", "log", "listener", "backend")
+_RESERVED = ("rules", "geoip", "state", "admin", "scoring")
+
+
+def parse_config(text: str, path: Path | None = None, *, check_files: bool = True) -> Config:
+    """Parse and validate config text; raises :class:`ConfigErrors`."""
+    where = str(path) if path is not None else "<config>"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        line = int(m.group(1)) if m else None
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        raise ConfigErrors([ConfigError(f"TOML syntax error: {msg}", where, line)]) from None
+    ctx = _Ctx(path, _Locator(text))
+    for key in raw:
+        if key in _RESERVED:
+            ctx.error(
+                f"[{key}] is not available in this version of mailmoat; remove the section", key
+            )
+        elif key not in _TOP_KEYS:
+            ctx.error(
+                f"unknown section [{key}]; allowed: {', '.join('[' + k + ']' for k in _TOP_KEYS)}",
+                key,
+            )
+    node = _node(ctx, _table(ctx, raw, "node"))
+    tls_raw = _table(ctx, raw, "tls")
+    extra_certs = _tls_certs(
+        ctx, tls_raw.get("cert") if isinstance(tls_raw.get("cert"), list) else None
+    )
+    if isinstance(tls_raw.get("cert"), list):
+        tls_raw = {k: v for k, v in tls_raw.items() if k != "cert"}
+    tls = _tls(ctx, tls_raw)
+    tls = TlsConfig(tls.certs + tuple(extra_certs), tls.min_version)
+    log = _log(ctx, _table(ctx, raw, "log"))
+
+    backends: dict[str, BackendConfig] = {}
+    for i, b in enumerate(_array(ctx, raw, "backend")):
+        cfg = _backend(ctx, b, i)
+        if cfg is None or not cfg.name:
+            continue
+        if cfg.name in backends:
+            ctx.error(f"backend name {cfg.name!r} is used twice", "backend", i, "name")
+        backends[cfg.name] = cfg
+
+    listeners: list[ListenerConfig] = []
+    names: set[str] = set()
+    for i, item in enumerate(_array(ctx, raw, "listener")):
+        lc = _listener(ctx, item, i)
+        if lc is None:
+            continue
+        if lc.name in names:
+            ctx.error(f"listener name {lc.name!r} is used twice", "listener", i, "name")
+        names.add(lc.name)
+        if lc.backend and lc.backend not in backends:
+            known = ", ".join(repr(n) for n in backends) or "none defined"
+            ctx.error(
+                f"backend {lc.backend!r} is not defined by any [[backend]] (known: {known})",
+                "listener",
+                i,
+                "backend",
+            )
+        if lc.tls != "none" and not tls.certs:
+            ctx.error(
+                f"tls = {lc.tls!r} needs a certificate: set cert and key in [tls]",
+                "listener",
+                i,
+                "tls",
+            )
+        listeners.append(lc)
+    if not listeners and "listener" not in raw:
+        ctx.errors.append(ConfigError("no [[listener]] defined: nothing to do", where, None))
+
+    if check_files:
+        for c in tls.certs:
+            for p, what in ((c.cert, "certificate"), (c.key, "key")):
+                if not p.is_file():
+                    ctx.errors.append(
+                        ConfigError(
+                            f"{what} file {str(p)!r} does not exist or is not a file", where, c.line
+                        )
+                    )
+                elif not os.access(p, os.R_OK):
+                    ctx.errors.append(
+                        ConfigError(
+                            f"{what} file {str(p)!r} is not readable by this user", where, c.line
+                        )
+                    )
+    if ctx.errors:
+        raise ConfigErrors(ctx.errors)
+    return Config(path, node, tls, log, tuple(listeners), backends)
+
+
+def _table(ctx: _Ctx, raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        ctx.error(f"{key} must be a table: write [{key}]", key)
+        return {}
+    return value
+
+
+def _array(ctx: _Ctx, raw: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        ctx.error(f"{key} must be written as [[{key}]] tables", key)
+        return []
+    return value
+
+
+def load_config(path: Path | str, *, check_files: bool = True) -> Config:
+    """Read and validate a config file; raises :class:`ConfigErrors`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigErrors(
+            [ConfigError("config file does not exist (pass -c FILE)", str(p))]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigErrors([ConfigError(f"cannot read config file: {exc}", str(p))]) from None
+    return parse_config(text, p, check_files=check_files)

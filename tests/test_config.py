@@ -1,0 +1,163 @@
+"""Config validation: every problem reported as file:line: message, exit status 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MailmoatTLS
+from mailmoat.cli import main
+from mailmoat.config import ConfigErrors, load_config, parse_address
+
+GOOD = """\
+[node]
+name = "edge-1"
+data_dir = "data"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+min_version = "1.2"
+
+[[listener]]
+name = "submission"
+protocol = "smtp"
+listen = ["0.0.0.0:587", "[::]:587"]
+tls = "starttls"
+require_tls = true
+backend = "postfix"
+
+[[backend]]
+name = "postfix"
+address = "127.0.0.1:10587"
+"""
+
+
+def write(tmp_path: Path, text: str, tls: MailmoatTLS) -> Path:
+    p = tmp_path / "mailmoat.toml"
+    p.write_text(text.replace("{cert}", str(tls.cert)).replace("{key}", str(tls.key)))
+    return p
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    return [str(e) for e in info.value.errors]
+
+
+def test_good_config_loads(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
+    cfg = load_config(write(tmp_path, GOOD, mailmoat_tls))
+    assert cfg.node.name == "edge-1"
+    assert cfg.node.data_dir == tmp_path / "data"
+    (lc,) = cfg.listeners
+    assert [str(a) for a in lc.listen] == ["0.0.0.0:587", "[::]:587"]
+    assert lc.require_tls is True
+    assert cfg.backends["postfix"].address[0].port == 10587
+
+
+def test_unknown_key_names_file_and_line(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
+    text = GOOD.replace("require_tls = true", "require_tls = true\nrequire_tsl = true")
+    p = write(tmp_path, text, mailmoat_tls)
+    (err,) = errors_of(p)
+    line = text.splitlines().index("require_tsl = true") + 1
+    assert err.startswith(f"{p}:{line}: unknown key 'require_tsl' in [listener]")
+    assert "allowed keys" in err
+
+
+def test_bad_address_and_missing_cert_all_reported(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS
+) -> None:
+    text = GOOD.replace('"127.0.0.1:10587"', '"127.0.0.1:99999"').replace(
+        'cert = "{cert}"', 'cert = "/nonexistent/cert.pem"'
+    )
+    p = write(tmp_path, text, mailmoat_tls)
+    errs = errors_of(p)
+    addr_line = text.splitlines().index('address = "127.0.0.1:99999"') + 1
+    cert_line = text.splitlines().index('cert = "/nonexistent/cert.pem"') + 1
+    assert f"{p}:{addr_line}: bad port in '127.0.0.1:99999'" in errs[0]
+    assert any(
+        e.startswith(f"{p}:{cert_line}: certificate file '/nonexistent/cert.pem' does not exist")
+        for e in errs
+    )
+
+
+def test_undefined_backend_and_toml_syntax(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
+    p = write(tmp_path, GOOD.replace('backend = "postfix"', 'backend = "dovecot"'), mailmoat_tls)
+    (err,) = errors_of(p)
+    assert "backend 'dovecot' is not defined by any [[backend]] (known: 'postfix')" in err
+    p.write_text("[node]\nname = \n")
+    (err,) = errors_of(p)
+    assert err.startswith(f"{p}:2: TOML syntax error")
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("1.2.3.4", "expected 'host:port'"),
+        ("::1:25", "write IPv6 in brackets"),
+        ("[::1]25", "write IPv6 as"),
+        ("example.org:25", "is not an IP address"),
+        ("1.2.3.4:0", "expected a number from 1 to 65535"),
+    ],
+)
+def test_parse_address_errors(value: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        parse_address(value, allow_names=False)
+
+
+def test_require_tls_without_tls_and_reserved_sections(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS
+) -> None:
+    text = GOOD.replace('tls = "starttls"', 'tls = "none"') + '\n[rules]\npaths = ["rules/"]\n'
+    p = write(tmp_path, text, mailmoat_tls)
+    errs = errors_of(p)
+    assert any("require_tls = true needs tls = 'starttls' or 'implicit'" in e for e in errs)
+    assert any("[rules] is not available in this version" in e for e in errs)
+
+
+def test_check_command(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = write(tmp_path, GOOD, mailmoat_tls)
+    assert main(["check", "-c", str(good)]) == 0
+    assert "OK: 1 listener(s)" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        GOOD.replace("[node]", '[node]\nmode = "panic"')
+        .replace("{cert}", "x")
+        .replace("{key}", "y")
+    )
+    assert main(["check", "-c", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"mailmoat: {bad}:2: mode = 'panic' is not one of: 'enforce', 'detect'" in err
+    assert "Traceback" not in err
+
+
+def test_check_rejects_mismatched_key(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailmoat.demo.certs import ensure_self_signed
+
+    _, other_key = ensure_self_signed(tmp_path / "other")
+    p = write(tmp_path, GOOD.replace('key = "{key}"', f'key = "{other_key}"'), mailmoat_tls)
+    assert main(["check", "-c", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert str(other_key) in err or str(mailmoat_tls.cert) in err
+
+
+def test_console_script_exit_status(tmp_path: Path) -> None:
+    """The installed entry point: a missing file is one clear line and status 1."""
+    r = subprocess.run(
+        [sys.executable, "-m", "mailmoat.cli", "check", "-c", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert (
+        r.stderr.strip()
+        == f"mailmoat: {tmp_path / 'nope.toml'}: config file does not exist (pass -c FILE)"
+    )
