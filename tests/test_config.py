@@ -161,3 +161,11 @@ def test_console_script_exit_status(tmp_path: Path) -> None:
         r.stderr.strip()
         == f"mailmoat: {tmp_path / 'nope.toml'}: config file does not exist (pass -c FILE)"
     )
+
+
+def test_shipped_deploy_config_is_valid() -> None:
+    """deploy/mailmoat.toml parses and validates (its certificate paths are the admin's)."""
+    cfg = load_config(Path(__file__).parent.parent / "deploy" / "mailmoat.toml", check_files=False)
+    assert [lc.name for lc in cfg.listeners] == ["mx", "submission", "submissions"]
+    assert cfg.listeners[0].greet_delay == 2
+    assert cfg.backends["postfix-mx"].client_identity == "xclient"

@@ -294,3 +294,49 @@ def test_client_eof_closes() -> None:
     out = s.receive_client(b"")
     assert isinstance(out[-1], Close)
     assert s.close_reason == "client_closed"
+
+
+@pytest.mark.parametrize(
+    ("lines", "mechanism", "user"),
+    [
+        # XOAUTH2 with the token as initial response, then after a 334 challenge
+        (
+            [b"AUTH XOAUTH2 dXNlcj1kYXZlQGV4YW1wbGUub3JnAWF1dGg9QmVhcmVyIHRvazEBAQ==\r\n"],
+            "XOAUTH2",
+            "dave@example.org",
+        ),
+        (
+            [b"AUTH XOAUTH2\r\n", b"dXNlcj1kYXZlQGV4YW1wbGUub3JnAWF1dGg9QmVhcmVyIHRvazEBAQ==\r\n"],
+            "XOAUTH2",
+            "dave@example.org",
+        ),
+        ([b"AUTH PLAIN\r\n", b"AGRhdmUAc2VjcmV0\r\n"], "PLAIN", "dave"),
+    ],
+)
+def test_sasl_user_with_and_without_initial_response(
+    lines: list[bytes], mechanism: str, user: str
+) -> None:
+    s = ehloed()
+    out = s.receive_client(lines[0])
+    for line in lines[1:]:
+        s.receive_upstream(b"334 \r\n")
+        out = s.receive_client(line)
+        assert upstream(out) == line
+    out = s.receive_upstream(b"535 5.7.8 Error: authentication failed\r\n")
+    (ev,) = [c for c in out if isinstance(c, Emit)]
+    assert ev.fields["auth.user"] == user
+    assert ev.fields["auth.mechanism"] == mechanism
+    assert ev.outcome == "failure"
+    assert "dG9r" not in repr(ev)
+    assert "c2VjcmV0" not in repr(ev)
+
+
+def test_normalize_never_creates_a_terminator() -> None:
+    from mailmoat.session.smtp import normalize_newlines
+
+    for fake in (b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\n.\r"):
+        body = b"a" + fake + b"MAIL FROM:<x@y>\r\n"
+        out = normalize_newlines(body, b"\r\n", dot_pending=False)
+        assert b"\r\n.\r\n" not in b"\r\n" + out, (fake, out)
+        assert out.count(b"\n") == out.count(b"\r\n")  # no bare LF left
+        assert b"\r" not in out.replace(b"\r\n", b"")  # no bare CR left

@@ -45,6 +45,7 @@ name = "smtp"
 protocol = "smtp"
 listen = "{host}:{smtp}"
 tls = "starttls"
+greet_delay = 1
 backend = "mx"
 
 [[listener]]
@@ -65,10 +66,12 @@ backend = "submission"
 [[backend]]
 name = "mx"
 address = "127.0.0.1:{mx_port}"
+client_identity = "{identity}"
 
 [[backend]]
 name = "submission"
 address = "127.0.0.1:{sub_port}"
+client_identity = "{identity}"
 """
 
 
@@ -155,6 +158,8 @@ def run_demo(
             smtps=port_base + 465,
             mx_port=mx_port,
             sub_port=sub_port,
+            # the private Postfix trusts XCLIENT from loopback; the sink speaks no XCLIENT
+            identity="xclient" if postfix is not None else "none",
         ),
         encoding="utf-8",
     )

@@ -846,7 +846,9 @@ class SmtpSession:
             fields = dict(fields, **{"smtp.data.size": self._data_size})
             out.append(Emit(action, fields, outcome="failure"))
             out.append(Emit("smtp.message", {"smtp.data.size": self._data_size}, outcome="failure"))
-            self._close(out, action.replace("smtp.", "message_"))
+            self._close(
+                out, action.replace("smtp.message_", "message_").replace("smtp.", "message_")
+            )
             return
         self._inflight.append((Pending.END_OF_DATA, b""))
         out.append(SendToUpstream(end.line))
