@@ -10,6 +10,7 @@ import base64
 import json
 import secrets
 import smtplib
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -63,15 +64,21 @@ async def test_auth_success_and_failure_are_events(
     rn = await start_node(sasl_config(postfix_sasl))
     tag = f"auth-{mechanism}-{secrets.token_hex(4)}"
 
-    def session(password: str) -> tuple[int, bytes]:
+    def session(password: str) -> tuple[int, bytes | str]:
         with smtplib.SMTP("127.0.0.1", rn.port("submission"), timeout=20) as s:
             s.starttls(context=mailmoat_tls.client_context())
             s.ehlo("client.example.org")
             s.user, s.password = "bob", password
-            method = {"PLAIN": s.auth_plain, "LOGIN": s.auth_login, "CRAM-MD5": s.auth_cram_md5}
+            method: dict[str, Callable[..., str]] = {
+                "PLAIN": s.auth_plain,
+                "LOGIN": s.auth_login,
+                "CRAM-MD5": s.auth_cram_md5,
+            }
             try:
                 code, text = s.auth(
-                    mechanism, method[mechanism], initial_response_ok=mechanism == "PLAIN"
+                    mechanism,
+                    method[mechanism],
+                    initial_response_ok=mechanism == "PLAIN",
                 )
             except smtplib.SMTPAuthenticationError as exc:
                 return exc.smtp_code, exc.smtp_error
