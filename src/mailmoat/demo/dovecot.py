@@ -65,6 +65,8 @@ from types import MappingProxyType, TracebackType
 
 from mailmoat.errors import MailmoatError
 
+from ._maildir import log_lines, maildir_messages, wait_for_messages
+
 # Process helpers shared with the Postfix instance (same /proc based checks).
 from .postfix import _alive, _group_alive, _listening, _proc_state
 
@@ -599,41 +601,23 @@ class DovecotInstance:
 
     def messages(self, user: str) -> list[Path]:
         """Delivered message files of ``user`` (Maildir new/ and cur/), oldest first."""
-        found: list[tuple[float, str, Path]] = []
-        for sub in ("new", "cur"):
-            directory = self.maildir(user) / sub
-            try:
-                with os.scandir(directory) as it:
-                    entries = list(it)
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                if entry.is_file():
-                    with contextlib.suppress(FileNotFoundError):
-                        found.append((entry.stat().st_mtime, entry.name, Path(entry.path)))
-        return [path for _, _, path in sorted(found)]
+        return maildir_messages(self.maildir(user))
 
     def wait_for_messages(self, user: str, count: int, timeout: float = 20) -> list[Path]:
         """Poll until ``user`` has at least ``count`` messages; return them."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.messages(user)
-            if len(found) >= count:
-                return found
-            if time.monotonic() > deadline:
-                tail = "\n".join(self.log_lines()[-20:])
-                raise DovecotError(
-                    f"{self.address(user)}: {len(found)} of {count} expected message(s) "
-                    f"arrived within {timeout:g}s; last log lines:\n{tail}"
-                )
-            time.sleep(_POLL)
+
+        def failure(found: int) -> Exception:
+            tail = "\n".join(self.log_lines()[-20:])
+            return DovecotError(
+                f"{self.address(user)}: {found} of {count} expected message(s) "
+                f"arrived within {timeout:g}s; last log lines:\n{tail}"
+            )
+
+        return wait_for_messages(lambda: self.messages(user), count, timeout, failure)
 
     def log_lines(self) -> list[str]:
         """Lines of the instance's log file so far."""
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
+        return log_lines(self.log_path)
 
 
 def _only_master_and_log(pgid: int, master: int) -> bool:
