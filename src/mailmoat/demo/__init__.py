@@ -139,7 +139,7 @@ def run_demo(
             return 1
         mx_port, sub_port = ports.smtp, ports.submission or ports.smtp
         backend_desc = f"Postfix 127.0.0.1:{mx_port} (submission {sub_port})"
-        mail_dir = str(postfix.maildir("alice").parent) + "/<user>/"
+        mail_dir = str(postfix.maildir("alice").parent) + "/<user>/  (removed when the demo stops)"
     else:
         mx_port = sub_port = find_free_port()
         backend_desc = f"built-in sink 127.0.0.1:{mx_port}"
