@@ -42,7 +42,9 @@ class Ban:
 class MemoryStore:
     """Bans with TTL, bounded in size."""
 
-    def __init__(self, *, max_bans: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, max_bans: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._bans: dict[str, Ban] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (until, ip), lazily cleaned
         self._clock = clock
@@ -51,7 +53,7 @@ class MemoryStore:
     def _expire(self) -> None:
         now = self._clock()
         while self._expiry and self._expiry[0][0] <= now:
-            until, ip = heapq.heappop(self._expiry)
+            _, ip = heapq.heappop(self._expiry)
             ban = self._bans.get(ip)
             if ban is not None and ban.until <= now:
                 del self._bans[ip]
