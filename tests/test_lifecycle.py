@@ -314,7 +314,7 @@ def test_demo_delivers(tmp_path: Path, proc_factory: Any, backend: str) -> None:
         assert b"Subject: demo-check" in stored.read_bytes()
     else:
         line = next(x for x in proc.lines if x.startswith("Delivered mail:"))
-        maildir = Path(line.split(":", 1)[1].strip().replace("<user>", "alice"))
+        maildir = Path(line.split(":", 1)[1].split()[0].replace("<user>", "alice"))
         deadline = time.monotonic() + 20
         found: list[Path] = []
         while time.monotonic() < deadline and not found:
