@@ -111,11 +111,108 @@ def test_parse_address_errors(value: str, fragment: str) -> None:
 def test_require_tls_without_tls_and_reserved_sections(
     tmp_path: Path, mailmoat_tls: MailmoatTLS
 ) -> None:
-    text = GOOD.replace('tls = "starttls"', 'tls = "none"') + '\n[rules]\npaths = ["rules/"]\n'
+    text = GOOD.replace('tls = "starttls"', 'tls = "none"') + '\n[geoip]\ncity = "x.mmdb"\n'
     p = write(tmp_path, text, mailmoat_tls)
     errs = errors_of(p)
     assert any("require_tls = true needs tls = 'starttls' or 'implicit'" in e for e in errs)
-    assert any("[rules] is not available in this version" in e for e in errs)
+    assert any("[geoip] is not available in this version" in e for e in errs)
+
+
+def test_rules_admin_state_sections(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "admin.token").write_text("a" * 32 + "\n")
+    text = GOOD + (
+        '\n[rules]\npaths = ["rules/"]\nwatch = true\n'
+        '\n[admin]\nlisten = "127.0.0.1:9099"\ntoken_file = "admin.token"\n'
+        '\n[state]\nbackend = "memory"\nmax_bans = 10\n'
+    )
+    cfg = load_config(write(tmp_path, text, mailmoat_tls))
+    assert cfg.rules.paths == (tmp_path / "rules",)
+    assert cfg.rules.watch
+    assert cfg.admin is not None
+    assert (cfg.admin.listen.host, cfg.admin.listen.port) == ("127.0.0.1", 9099)
+    assert cfg.admin.token_file == tmp_path / "admin.token"
+    assert cfg.state.max_bans == 10
+
+
+def test_rules_admin_state_errors_name_line_and_fix(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS
+) -> None:
+    (tmp_path / "short.token").write_text("abc\n")
+    text = GOOD + (
+        '\n[rules]\npaths = ["missing/"]\nwatch = "yes"\n'
+        '\n[admin]\nlisten = "0.0.0.0:9099"\ntoken_file = "short.token"\n'
+        '\n[state]\nbackend = "redis"\n'
+        "\n[scoring]\ndeny = 10\n"
+    )
+    p = write(tmp_path, text, mailmoat_tls)
+    errs = errors_of(p)
+    lines = text.splitlines()
+
+    def line_of(fragment: str) -> int:
+        return next(i for i, x in enumerate(lines, 1) if x.startswith(fragment))
+
+    expected = {
+        line_of("paths ="): "does not exist (a file or a folder of *.toml)",
+        line_of("watch ="): "watch must be a bool",
+        line_of('listen = "0.0.0.0'): "listens on loopback only",
+        line_of('token_file = "short'): "shorter than 16 characters",
+        line_of('backend = "redis"'): 'use backend = "memory"',
+        line_of("[scoring]"): "[scoring] belongs in a rule file",
+    }
+    for line, fragment in expected.items():
+        assert any(e.startswith(f"{p}:{line}: ") and fragment in e for e in errs), (
+            line,
+            fragment,
+            errs,
+        )
+
+
+def test_check_validates_the_rules(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "10-a.toml").write_text(
+        '[[rule]]\nid = "A-1"\nname = "a"\nphase = "helo"\nwhen = "smtp.helo == \'x\'"\n'
+        'action = "reject"\n'
+    )
+    p = write(tmp_path, GOOD + '\n[rules]\npaths = ["rules/"]\n', mailmoat_tls)
+    assert main(["check", "-c", str(p)]) == 0
+    assert "OK: 1 rule(s) in 1 file(s)" in capsys.readouterr().out
+    (rules / "20-b.toml").write_text(
+        '[[rule]]\nid = "B-1"\nname = "b"\nphase = "helo"\nwhen = "smtp.helox == \'x\'"\n'
+        'action = "reject"\n'
+    )
+    assert main(["check", "-c", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert f"mailmoat: {rules / '20-b.toml'}:5:" in err
+    assert "unknown field 'smtp.helox'" in err
+    assert "Traceback" not in err
+
+
+def test_rules_test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "10-a.toml").write_text(
+        '[[rule]]\nid = "A-1"\nname = "a"\nphase = "helo"\n'
+        'when = \'smtp.helo == "bad.example"\'\naction = "reject"\n'
+    )
+    cases = tmp_path / "cases.toml"
+    cases.write_text(
+        '[[case]]\nname = "bad helo"\nprotocol = "smtp"\nphase = "helo"\n'
+        'context = { smtp = { helo = "bad.example" } }\n'
+        'expect_rules = ["A-1"]\nexpect_verdict = "reject"\n'
+        '\n[[case]]\nname = "good helo"\nprotocol = "smtp"\nphase = "helo"\n'
+        'context = { smtp = { helo = "mail.example.org" } }\n'
+        'expect_rules = []\nexpect_verdict = "pass"\n'
+    )
+    assert main(["rules", "test", str(rules), str(cases)]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "Passed: 2\nFailed: 0" in out, out
+    cases.write_text(cases.read_text().replace('"pass"', '"deny"'))
+    assert main(["rules", "test", str(rules), str(cases)]) == 1
+    assert "good helo" in capsys.readouterr().out
 
 
 def test_check_command(

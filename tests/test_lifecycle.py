@@ -265,7 +265,7 @@ def _free_base() -> int:
     for _ in range(100):
         base = random.randrange(20000, 40000, 1000)
         ok = True
-        for off in (25, 587, 465):
+        for off in (25, 587, 465, 99):
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", base + off))

@@ -10,6 +10,7 @@ import pytest
 
 from mailmoat.session.smtp import (
     Awaiting,
+    CheckLogin,
     Close,
     Emit,
     SendToClient,
@@ -170,7 +171,14 @@ def test_auth_exchange_is_relayed_and_reported_without_secrets() -> None:
     s.receive_upstream(b"334 UGFzc3dvcmQ6\r\n")
     assert upstream(s.receive_client(b"c2VjcmV0\r\n")) == b"c2VjcmV0\r\n"
     out = s.receive_upstream(b"235 2.7.0 Authentication successful\r\n")
+    # the reply waits until the state store has counted the login
+    assert to_client(out) == b""
+    assert out[-1] == CheckLogin("alice", True)
+    waits = [s.awaiting]
+    out += s.login_checked(0, 0, 0)
     assert to_client(out) == b"235 2.7.0 Authentication successful\r\n"
+    waits.append(s.awaiting)
+    assert waits == [Awaiting.NOTHING, Awaiting.CLIENT]
     (ev,) = [c for c in out if isinstance(c, Emit)]
     assert ev.action == "auth.attempt"
     assert ev.outcome == "success"

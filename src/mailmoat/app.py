@@ -1,9 +1,12 @@
 """The composition root: one Trio nursery running a node from a :class:`Config`.
 
-``run_node`` opens every listener, serves connections, and handles signals:
+``run_node`` loads the rules, opens every listener, serves connections,
+runs the admin API and the rule-file watcher when configured, and handles
+signals:
 
-* SIGHUP reloads the TLS certificates (new handshakes use the new ones; a
-  broken file keeps the old ones and says so in an event);
+* SIGHUP reloads the rules and the TLS certificates (new handshakes use the
+  new certificates, sessions see the new rules from their next phase on; a
+  broken file keeps the old rules or certificates and says so in an event);
 * SIGTERM / SIGINT drain: stop accepting, let sessions finish for up to
   ``node.drain_timeout`` seconds, then tell the rest ``421`` and close.
 """
@@ -19,12 +22,15 @@ from typing import final
 
 import trio
 
+from .admin import AdminConfig, AdminServer, Request, Response
 from .config import Address, Config
 from .errors import ConfigError, MailmoatError
 from .events import Emitter, EventSink, json_lines_sink
 from .net.smtp import SmtpService, serve_smtp
 from .net.tls import CertKeyPair, CertStore
 from .net.upstream import BackendPool
+from .policy import ReloadResult, RuleErrors, RuleHolder, snapshot
+from .state import MemoryStore
 
 R_BUSY = b"421 4.7.0 Too many connections, try again later\r\n"
 
@@ -42,6 +48,9 @@ class Node:
     config: Config
     emitter: Emitter
     certs: CertStore | None
+    rules: RuleHolder = field(default_factory=RuleHolder.empty)
+    store: MemoryStore = field(default_factory=MemoryStore)
+    admin_address: tuple[str, int] | None = None
     services: dict[str, SmtpService] = field(default_factory=dict)
     bound: dict[str, list[Address]] = field(default_factory=dict)
     accept_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -62,6 +71,36 @@ class Node:
             return False
         self.emitter.emit("tls.reload", {}, kind="audit", outcome="success")
         return True
+
+    def reload_rules(self, trigger: str) -> ReloadResult:
+        """Compile the rule files aside and swap them in; on error keep the old ones."""
+        result = self.rules.reload()
+        fields: dict[str, object] = {
+            "rules.trigger": trigger,
+            "rules.count": result.rules,
+            "rules.files": result.files,
+            "rules.generation": self.rules.generation,
+        }
+        if result.ok:
+            fields.update(
+                {
+                    "rules.added": list(result.added),
+                    "rules.removed": list(result.removed),
+                    "rules.changed": list(result.changed),
+                }
+            )
+        else:
+            fields["rules.errors"] = [str(e) for e in result.errors]
+            fields["error.message"] = "\n".join(str(e) for e in result.errors)
+        fields["message"] = result.summary()
+        self.emitter.emit(
+            "rules.reload", fields, kind="audit", outcome="success" if result.ok else "failure"
+        )
+        return result
+
+    def reload(self, trigger: str) -> tuple[ReloadResult, bool]:
+        """What SIGHUP, the watcher and ``mailmoat reload`` do: rules, then certificates."""
+        return self.reload_rules(trigger), self.reload_certificates()
 
     async def drain(self) -> None:
         """Stop accepting; wait for sessions up to drain_timeout; then cancel the rest."""
@@ -117,6 +156,7 @@ async def run_node(
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
     on_ready: Callable[[Node], None] | None = None,
+    rules: RuleHolder | None = None,
 ) -> None:
     sinks: list[EventSink] = list(extra_sinks)
     close_log: Callable[[], None] = lambda: None  # noqa: E731
@@ -124,13 +164,27 @@ async def run_node(
         sink, close_log = json_lines_sink(config.log.events)
         sinks.append(sink)
     emitter = Emitter(config.node.name, sinks)
-    node = Node(config, emitter, build_certs(config))
+    holder = rules if rules is not None else load_rule_holder(config)
+    store = MemoryStore(max_bans=config.state.max_bans, login_window=config.state.login_window)
+    node = Node(config, emitter, build_certs(config), rules=holder, store=store)
+    emitter.emit(
+        "rules.reload",
+        {
+            "rules.trigger": "start",
+            "rules.count": len(holder.current.rules),
+            "rules.files": len(holder.current.files),
+            "rules.generation": holder.generation,
+            "node.mode": config.node.mode,
+        },
+        kind="audit",
+        outcome="success",
+    )
     all_listeners: list[trio.SocketListener] = []
     try:
         sockets: list[tuple[SmtpService, list[trio.SocketListener]]] = []
         pools = {name: BackendPool(b) for name, b in config.backends.items()}
         for lc in config.listeners:
-            service = SmtpService(lc, pools[lc.backend], node.certs, emitter)
+            service = SmtpService(lc, pools[lc.backend], node.certs, emitter, holder, store)
             node.services[lc.name] = service
             opened: list[trio.SocketListener] = []
             for address in lc.listen:
@@ -157,6 +211,11 @@ async def run_node(
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(_signals, node, nursery.cancel_scope)
+            if config.rules.watch and config.rules.paths:
+                nursery.start_soon(_watch_rules, node)
+            if config.admin is not None:
+                admin = build_admin(node)
+                node.admin_address = await nursery.start(admin.serve)
             with node.accept_scope:
                 async with trio.open_nursery() as accept:
                     for service, listeners in sockets:
@@ -204,11 +263,153 @@ async def _refuse_busy(stream: trio.SocketStream) -> None:
     await trio.aclose_forcefully(stream)
 
 
+def load_rule_holder(config: Config) -> RuleHolder:
+    """The node's rules, compiled; :class:`RuleErrors` (file:line each) if any file is bad."""
+    holder = RuleHolder(config.rules.paths, mode=config.node.mode)
+    result = holder.reload()
+    if not result.ok:
+        raise RuleErrors(result.errors)
+    return holder
+
+
+def read_admin_token(config: Config) -> str:
+    assert config.admin is not None
+    try:
+        return config.admin.token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"[admin] token_file {str(config.admin.token_file)!r} cannot be read: {exc}"
+        ) from exc
+
+
+def build_admin(node: Node) -> AdminServer:
+    """The admin API with the node's routes (rules, reload, bans)."""
+    config = node.config
+    assert config.admin is not None
+    server = AdminServer(
+        AdminConfig((config.admin.listen.host, config.admin.listen.port), read_admin_token(config)),
+        node.emitter,
+    )
+
+    async def get_rules(_request: Request) -> Response:
+        rules = node.rules.current
+        hits = rules.stats()
+        errors = rules.counters.errors
+        last = node.rules.last_result
+        return Response.json(
+            {
+                "generation": node.rules.generation,
+                "mode": rules.mode,
+                "files": [str(f) for f in rules.files],
+                "last_reload": None
+                if last is None
+                else {
+                    "ok": last.ok,
+                    "summary": last.summary(),
+                    "errors": [str(e) for e in last.errors],
+                },
+                "rules": [
+                    {
+                        "id": r.id,
+                        "name": r.name,
+                        "phase": r.phase,
+                        "protocols": sorted(r.protocols),
+                        "action": r.action,
+                        "severity": r.severity,
+                        "mode": r.mode,
+                        "enabled": r.enabled,
+                        "source": f"{r.source}:{r.line}",
+                        "hits": hits.get(r.id, 0),
+                        "errors": errors.get(r.id, 0),
+                    }
+                    for r in rules.rules
+                ],
+            }
+        )
+
+    async def post_reload(_request: Request) -> Response:
+        result, certs_ok = node.reload("admin")
+        body = {
+            "ok": result.ok and certs_ok,
+            "rules": {
+                "ok": result.ok,
+                "summary": result.summary(),
+                "count": result.rules,
+                "added": list(result.added),
+                "removed": list(result.removed),
+                "changed": list(result.changed),
+                "errors": [str(e) for e in result.errors],
+            },
+            "certificates": {"ok": certs_ok},
+        }
+        return Response.json(body, 200 if result.ok and certs_ok else 422)
+
+    async def get_bans(_request: Request) -> Response:
+        store = node.store
+        return Response.json(
+            {
+                "bans": [
+                    {
+                        "ip": b.ip,
+                        "reason": b.reason,
+                        "rule_id": b.rule_id,
+                        "remaining_seconds": round(store.remaining(b), 1),
+                    }
+                    for b in await store.bans()
+                ]
+            }
+        )
+
+    async def delete_ban(request: Request) -> Response:
+        ip = request.path_params["ip"]
+        removed = await node.store.unban(ip)
+        node.emitter.emit(
+            "client.unban",
+            {"client.ip": ip, "admin.client": request.client[0]},
+            kind="audit",
+            outcome="success" if removed else "failure",
+        )
+        if not removed:
+            return Response.json({"error": f"{ip} is not banned"}, 404)
+        return Response.json({"ok": True, "ip": ip})
+
+    server.route("GET", "/api/rules", get_rules)
+    server.route("POST", "/api/reload", post_reload)
+    server.route("GET", "/api/bans", get_bans)
+    server.route("DELETE", "/api/bans/{ip}", delete_ban)
+    return server
+
+
+async def _watch_rules(node: Node) -> None:
+    """``watch = true``: poll the rule paths; a change reloads as SIGHUP would.
+
+    A write in progress shows as a change too: the reload then either sees a
+    complete file or reports the error and retries at the next change.  To
+    avoid compiling a file mid-write, a change is acted on once the
+    fingerprint has held still for one interval.
+    """
+    paths = node.config.rules.paths
+    interval = node.config.rules.watch_interval
+    seen = await trio.to_thread.run_sync(snapshot, paths)
+    pending: frozenset[tuple[str, int, int]] | None = None
+    while True:
+        await trio.sleep(interval)
+        now = await trio.to_thread.run_sync(snapshot, paths)
+        if now == seen:
+            pending = None
+            continue
+        if now != pending:
+            pending = now  # changed since the last look: wait until it holds still
+            continue
+        seen, pending = now, None
+        node.reload_rules("watch")
+
+
 async def _signals(node: Node, cancel: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                node.reload_certificates()
+                node.reload("sighup")
             else:
                 await node.drain()
                 cancel.cancel()

@@ -42,8 +42,30 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a node in the foreground")
     _add_config(run)
 
-    check = sub.add_parser("check", help="validate the config (and its certificates)")
+    check = sub.add_parser("check", help="validate the config, its certificates and its rules")
     _add_config(check)
+
+    reload = sub.add_parser(
+        "reload", help="ask the running node (admin API) to reload its rules and certificates"
+    )
+    _add_config(reload)
+
+    rules = sub.add_parser("rules", help="work with rule files")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
+    rules_test = rules_sub.add_parser(
+        "test",
+        help="run rules against recorded session cases (exit 1 if any case fails)",
+        description="Load every *.toml under RULES (a file or folder) and run the cases in "
+        "CASES (a TOML or JSON file, or a folder of them) against them.",
+    )
+    rules_test.add_argument("rules_path", metavar="RULES", help="rule file or folder")
+    rules_test.add_argument("cases", metavar="CASES", help="cases file or folder")
+    rules_test.add_argument(
+        "--mode",
+        choices=("enforce", "detect"),
+        default="enforce",
+        help="evaluate as a node in this mode (default: enforce)",
+    )
 
     demo = sub.add_parser(
         "demo", help="run mailmoat on embedded defaults in front of backends it starts itself"
@@ -60,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         "--port-base",
         type=int,
         default=10000,
-        help="listeners on BASE+25 (smtp), BASE+587 (submission), BASE+465 (smtps); default 10000",
+        help="listeners on BASE+25 (smtp), BASE+587 (submission), BASE+465 (smtps),"
+        " the admin API on BASE+99; default 10000",
     )
     demo.add_argument(
         "--backend",
@@ -73,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_config_error(exc: MailmoatError) -> None:
     from .config import ConfigErrors
+    from .policy import RuleErrors
 
-    if isinstance(exc, ConfigErrors):
+    if isinstance(exc, ConfigErrors | RuleErrors):
         for e in exc.errors:
             print(f"mailmoat: {e}", file=sys.stderr)
     else:
@@ -82,12 +106,13 @@ def _print_config_error(exc: MailmoatError) -> None:
 
 
 def cmd_check(config_path: str) -> int:
-    from .app import build_certs
+    from .app import build_certs, load_rule_holder
     from .config import load_config
 
     try:
         config = load_config(config_path)
         build_certs(config)  # loads and matches every certificate and key
+        holder = load_rule_holder(config)
     except (ConfigError, MailmoatError) as exc:
         _print_config_error(exc)
         return 1
@@ -97,23 +122,92 @@ def cmd_check(config_path: str) -> int:
     )
     print(f"{config_path}: OK: {len(config.listeners)} listener(s): {listeners}")
     print(f"{config_path}: OK: {len(config.backends)} backend(s): {', '.join(config.backends)}")
+    rules = holder.current
+    where = ", ".join(str(p) for p in config.rules.paths) or "no [rules] paths"
+    print(
+        f"{config_path}: OK: {len(rules.rules)} rule(s) in {len(rules.files)} file(s) ({where}),"
+        f" {len(rules.lists)} list(s), mode={rules.mode}"
+    )
     return 0
 
 
+def cmd_reload(config_path: str) -> int:
+    from .admin import AdminUnavailable, admin_call
+    from .app import read_admin_token
+    from .config import load_config
+
+    try:
+        config = load_config(config_path, check_files=False)
+        if config.admin is None:
+            print(
+                f"mailmoat: {config_path}: no [admin] section, so the node cannot be asked to "
+                "reload; add [admin] listen and token_file, or send the node SIGHUP",
+                file=sys.stderr,
+            )
+            return 1
+        token = read_admin_token(config)
+        host, port = config.admin.listen.host, config.admin.listen.port
+        status, body = admin_call(host, port, token, "POST", "/api/reload")
+    except (AdminUnavailable, MailmoatError) as exc:
+        _print_config_error(exc)
+        return 1
+    if status == 401:
+        print("mailmoat: the admin API refused the token in [admin] token_file", file=sys.stderr)
+        return 1
+    if not isinstance(body, dict) or "rules" not in body:
+        print(f"mailmoat: unexpected answer from the admin API ({status})", file=sys.stderr)
+        return 1
+    rules = body["rules"]
+    if rules.get("ok"):
+        print(f"rules reloaded: {rules.get('summary')}")
+    else:
+        for line in rules.get("errors", []):
+            print(f"mailmoat: {line}", file=sys.stderr)
+        print(f"mailmoat: rules not reloaded: {rules.get('summary')}", file=sys.stderr)
+    certs_ok = bool(body.get("certificates", {}).get("ok"))
+    print(
+        "certificates reloaded"
+        if certs_ok
+        else "certificates NOT reloaded: the old ones stay (see the tls.reload event)",
+        file=sys.stdout if certs_ok else sys.stderr,
+    )
+    return 0 if body.get("ok") else 1
+
+
+def cmd_rules_test(rules_path: str, cases: str, mode: str) -> int:
+    from .policy import RuleErrors, load_rules, run_cases
+
+    try:
+        rules = load_rules([Path(rules_path)], base_mode=mode)
+    except RuleErrors as exc:
+        _print_config_error(exc)
+        return 1
+    try:
+        report = run_cases(rules, Path(cases))
+    except (RuleErrors, ConfigError) as exc:
+        _print_config_error(exc)
+        return 1
+    print(report.render())
+    return 0 if report.ok else 1
+
+
 def cmd_run(config_path: str) -> int:
+    from functools import partial
+
     import trio
 
-    from .app import ListenError, build_certs, run_node
+    from .app import ListenError, build_certs, load_rule_holder, run_node
     from .config import load_config
 
     try:
         config = load_config(config_path)
         build_certs(config)
+        holder = load_rule_holder(config)
     except MailmoatError as exc:
         _print_config_error(exc)
         return 1
     try:
-        trio.run(run_node, config)
+        trio.run(partial(run_node, config, rules=holder))
     except ListenError as exc:
         print(f"mailmoat: {exc}", file=sys.stderr)
         return 1
@@ -129,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args.config)
         case "run":
             return cmd_run(args.config)
+        case "reload":
+            return cmd_reload(args.config)
+        case "rules":
+            return cmd_rules_test(args.rules_path, args.cases, args.mode)
         case "demo":
             from .demo import run_demo
 

@@ -134,6 +134,38 @@ class BackendConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class RulesConfig:
+    """``[rules]``: where the rule files are and whether to watch them."""
+
+    paths: tuple[Path, ...] = ()
+    watch: bool = False
+    #: seconds between two looks at the files when ``watch`` is on
+    watch_interval: float = 1.0
+    line: int | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class AdminSectionConfig:
+    """``[admin]``: the admin API's address and the file holding its bearer token."""
+
+    listen: Address
+    token_file: Path
+    line: int | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """``[state]``: where bans and login counters live (``memory``: this process)."""
+
+    backend: Literal["memory"] = "memory"
+    max_bans: int = 100_000
+    login_window: float = 600.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path | None
     node: NodeConfig
@@ -141,6 +173,9 @@ class Config:
     log: LogConfig
     listeners: tuple[ListenerConfig, ...]
     backends: Mapping[str, BackendConfig]
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    admin: AdminSectionConfig | None = None
+    state: StateConfig = field(default_factory=StateConfig)
 
 
 # --------------------------------------------------------------------------- locating
@@ -551,8 +586,8 @@ def _backend(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> BackendConfig | None:
     )
 
 
-_TOP_KEYS = ("node", "tls", "log", "listener", "backend")
-_RESERVED = ("rules", "geoip", "state", "admin", "scoring")
+_TOP_KEYS = ("node", "tls", "log", "rules", "state", "admin", "listener", "backend")
+_RESERVED = ("geoip",)
 
 
 def parse_config(text: str, path: Path | None = None, *, check_files: bool = True) -> Config:
@@ -568,7 +603,13 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
         raise ConfigErrors([ConfigError(f"TOML syntax error: {msg}", where, line)]) from None
     ctx = _Ctx(path, _Locator(text))
     for key in raw:
-        if key in _RESERVED:
+        if key == "scoring":
+            ctx.error(
+                "[scoring] belongs in a rule file (it is reloaded with the rules); "
+                "move it to a *.toml under [rules] paths",
+                key,
+            )
+        elif key in _RESERVED:
             ctx.error(
                 f"[{key}] is not available in this version of mailmoat; remove the section", key
             )
@@ -587,6 +628,9 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
     tls = _tls(ctx, tls_raw)
     tls = TlsConfig(tls.certs + tuple(extra_certs), tls.min_version)
     log = _log(ctx, _table(ctx, raw, "log"))
+    rules = _rules(ctx, _table(ctx, raw, "rules"), check_files=check_files)
+    state = _state(ctx, _table(ctx, raw, "state"))
+    admin = _admin(ctx, _table(ctx, raw, "admin"), present="admin" in raw, check_files=check_files)
 
     backends: dict[str, BackendConfig] = {}
     for i, b in enumerate(_array(ctx, raw, "backend")):
@@ -642,7 +686,115 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
                     )
     if ctx.errors:
         raise ConfigErrors(ctx.errors)
-    return Config(path, node, tls, log, tuple(listeners), backends)
+    return Config(path, node, tls, log, tuple(listeners), backends, rules, admin, state)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _rules(ctx: _Ctx, raw: Mapping[str, Any], *, check_files: bool) -> RulesConfig:
+    _check_keys(ctx, raw, ("paths", "watch", "watch_interval"), "rules")
+    d = RulesConfig()
+    value = raw.get("paths", [])
+    items = [value] if isinstance(value, str) else value
+    paths: list[Path] = []
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        ctx.error(
+            'paths must be a list of files or folders, e.g. paths = ["rules/"]',
+            "rules",
+            key="paths",
+        )
+    else:
+        for item in items:
+            path = ctx.resolve(item)
+            if check_files and not path.exists():
+                ctx.error(
+                    f"rule path {str(path)!r} does not exist (a file or a folder of *.toml)",
+                    "rules",
+                    key="paths",
+                )
+            paths.append(path)
+    watch = _get(ctx, raw, "watch", bool, d.watch, "rules")
+    interval = _positive(ctx, raw, "watch_interval", d.watch_interval, "rules")
+    return RulesConfig(tuple(paths), bool(watch), interval, ctx.loc.line("rules"))
+
+
+def _state(ctx: _Ctx, raw: Mapping[str, Any]) -> StateConfig:
+    _check_keys(ctx, raw, ("backend", "max_bans", "login_window"), "state")
+    d = StateConfig()
+    backend = _get(ctx, raw, "backend", str, d.backend, "state")
+    if backend == "redis":
+        ctx.error(
+            'backend = "redis" is not available in this version of mailmoat; '
+            'use backend = "memory" (one node)',
+            "state",
+            key="backend",
+        )
+    elif backend != "memory":
+        ctx.error(f'backend = {backend!r} is not one of: "memory"', "state", key="backend")
+    max_bans = _get(ctx, raw, "max_bans", int, d.max_bans, "state")
+    if max_bans < 1:
+        ctx.error("max_bans must be at least 1", "state", key="max_bans")
+        max_bans = d.max_bans
+    window = _positive(ctx, raw, "login_window", d.login_window, "state")
+    return StateConfig("memory", int(max_bans), window)
+
+
+def _admin(
+    ctx: _Ctx, raw: Mapping[str, Any], *, present: bool, check_files: bool
+) -> AdminSectionConfig | None:
+    if not present:
+        return None
+    _check_keys(ctx, raw, ("listen", "token_file"), "admin")
+    listen_raw = _get(ctx, raw, "listen", str, None, "admin")
+    token_raw = _get(ctx, raw, "token_file", str, None, "admin")
+    if listen_raw is None:
+        ctx.error("listen is required, e.g. listen = '127.0.0.1:9099'", "admin")
+    if token_raw is None:
+        ctx.error("token_file is required, e.g. token_file = 'admin.token'", "admin")
+    if listen_raw is None or token_raw is None:
+        return None
+    try:
+        listen = parse_address(listen_raw, allow_names=False, allow_zero=True)
+    except ValueError as exc:
+        ctx.error(str(exc), "admin", key="listen")
+        return None
+    if not _loopback(listen.host):
+        ctx.error(
+            f"listen = {listen_raw!r}: the admin API has no TLS and listens on loopback only "
+            "(127.0.0.1 or [::1]); put a TLS proxy in front to reach it remotely",
+            "admin",
+            key="listen",
+        )
+    token_file = ctx.resolve(token_raw)
+    if check_files:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            ctx.error(
+                f"token_file {str(token_file)!r} cannot be read ({exc.__class__.__name__}); "
+                "create it with e.g. 'openssl rand -hex 32 > admin.token'",
+                "admin",
+                key="token_file",
+            )
+        else:
+            if len(token) < 16:
+                ctx.error(
+                    f"token_file {str(token_file)!r} holds a token shorter than 16 characters; "
+                    "use e.g. 'openssl rand -hex 32'",
+                    "admin",
+                    key="token_file",
+                )
+    return AdminSectionConfig(listen, token_file, ctx.loc.line("admin"))
 
 
 def _table(ctx: _Ctx, raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:

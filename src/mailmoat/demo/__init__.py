@@ -10,6 +10,7 @@ them, and runs the node until Ctrl-C / SIGTERM.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import sys
 import tempfile
@@ -39,6 +40,10 @@ min_version = "1.2"
 
 [log]
 events = "{events}"
+{rules}
+[admin]
+listen = "127.0.0.1:{admin_port}"
+token_file = "{token_file}"
 
 [[listener]]
 name = "smtp"
@@ -75,8 +80,27 @@ client_identity = "{identity}"
 """
 
 
+def shipped_rules_dir() -> Path | None:
+    """The rule sets shipped with mailmoat (``rules/`` of the source tree), if present."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1] / "rules", here.parents[3] / "rules"):
+        if candidate.is_dir() and any(candidate.glob("*.toml")):
+            return candidate
+    return None
+
+
 def _banner(node: Node, data_dir: Path, backend_desc: str, mail_dir: str) -> str:
     b = node.bound
+    rules = node.rules.current
+    rules_desc = (
+        f"{len(rules.rules)} rules from {', '.join(str(p) for p in node.config.rules.paths)}"
+        " (watched: edit a file and it reloads)"
+        if node.config.rules.paths
+        else "none (the shipped rule sets were not found)"
+    )
+    admin = (
+        "-" if node.admin_address is None else f"{node.admin_address[0]}:{node.admin_address[1]}"
+    )
     smtp, sub, smtps = (str(b[n][0]) for n in ("smtp", "submission", "smtps"))
     sp, subp, smtpsp = (b[n][0].port for n in ("smtp", "submission", "smtps"))
     host = b["smtp"][0].host
@@ -98,6 +122,9 @@ s.sendmail('me@example.org', ['alice@{DEMO_DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhe
 
 Delivered mail:  {mail_dir}
 Config:          {data_dir / "mailmoat.toml"}  (mailmoat run -c that file does the same)
+Rules:           {rules_desc}
+Admin API:       http://{admin}/api/rules  (token in {data_dir / "admin.token"};
+                 `mailmoat reload -c {data_dir / "mailmoat.toml"}` reloads rules)
 Events (JSON lines, one per session open/TLS/close) follow on stdout.
 Stop with Ctrl-C.
 """
@@ -145,6 +172,12 @@ def run_demo(
         backend_desc = f"built-in sink 127.0.0.1:{mx_port}"
         mail_dir = str(data_dir / "mail") + "/"
     config_path = data_dir / "mailmoat.toml"
+    token_file = data_dir / "admin.token"
+    if not token_file.is_file():
+        token_file.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
+        token_file.chmod(0o600)
+    rules_dir = shipped_rules_dir()
+    rules = f'\n[rules]\npaths = ["{rules_dir}"]\nwatch = true\n' if rules_dir else ""
     config_path.write_text(
         _CONFIG.format(
             config=config_path,
@@ -152,6 +185,9 @@ def run_demo(
             cert=cert,
             key=key,
             events="stdout",
+            rules=rules,
+            admin_port=port_base + 99,
+            token_file=token_file,
             host=host,
             smtp=port_base + 25,
             submission=port_base + 587,

@@ -20,12 +20,16 @@ import trio
 
 from mailmoat.config import ListenerConfig
 from mailmoat.events import Emitter, new_session_id
+from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
 from mailmoat.protocols.smtp import SmtpLimits
 from mailmoat.session.smtp import (
     R_UNAVAILABLE,
     Awaiting,
+    BanClient,
+    CheckLogin,
     Close,
+    Delay,
     Emit,
     SendToClient,
     SendToUpstream,
@@ -35,11 +39,14 @@ from mailmoat.session.smtp import (
     StartClientTls,
     StartUpstreamTls,
 )
+from mailmoat.state import MemoryStore
 
 from .tls import CertStore, TlsError, TlsStream
 from .upstream import BackendPool, BackendUnavailable
 
 RECEIVE_SIZE = 65536
+#: a tarpit never holds a session longer than this per command
+MAX_TARPIT = 60.0
 
 
 @final
@@ -51,6 +58,8 @@ class SmtpService:
     pool: BackendPool
     certs: CertStore | None
     emitter: Emitter
+    rules: RuleHolder | None = None
+    store: MemoryStore | None = None
     active: set[trio.CancelScope] = field(default_factory=set)
     session_config: SmtpSessionConfig = field(init=False)
 
@@ -106,7 +115,9 @@ class _Connection:
         self.upstream: trio.abc.Stream | None = None
         self.id = new_session_id()
         self.ip, self.port = _peer(client)
-        self.session = SmtpSession(service.session_config, self.ip, self.port)
+        self.session = SmtpSession(
+            service.session_config, self.ip, self.port, rules=service.rules, session_id=self.id
+        )
         self.started = trio.current_time()
         self.client_in = self.client_out = self.up_in = self.up_out = 0
         self.backend_address = ""
@@ -124,10 +135,16 @@ class _Connection:
         )
 
     async def run(self) -> None:
-        self.emit(Emit("session.open", {"tls.active": self.service.listener.tls == "implicit"}))
-        if self.service.listener.tls == "implicit":
+        implicit = self.service.listener.tls == "implicit"
+        self.emit(Emit("session.open", {"tls.active": implicit}))
+        store = self.service.store
+        banned = store is not None and await store.banned(self.ip) is not None
+        await self.execute(self.session.start(banned, greet=not implicit))
+        if self.ended():
+            return
+        if implicit:
             await self.execute([StartClientTls()])
-            if self.session.closed:
+            if self.ended():
                 return
         delay = self.service.listener.greet_delay
         if delay > 0:
@@ -173,6 +190,9 @@ class _Connection:
                     await self.execute(await self.read_upstream())
                 case Awaiting.NOTHING:  # pragma: no cover - handshakes run inside execute
                     raise AssertionError("session waits on nothing but is not closed")
+
+    def ended(self) -> bool:
+        return self.session.closed
 
     def proxy_header(self) -> bytes:
         """A PROXY v2 header naming the client, for backends with client_identity = proxy-v2."""
@@ -242,7 +262,40 @@ class _Connection:
                     commands[i + 1 : i + 1] = await self.client_handshake()
                 case StartUpstreamTls():
                     commands[i + 1 : i + 1] = await self.upstream_handshake()
+                case Delay():
+                    await trio.sleep(min(cmd.seconds, MAX_TARPIT))
+                case BanClient():
+                    await self.ban(cmd)
+                case CheckLogin():
+                    commands[i + 1 : i + 1] = await self.check_login(cmd)
             i += 1
+
+    async def ban(self, cmd: BanClient) -> None:
+        store = self.service.store
+        if store is None:
+            return
+        ban = await store.ban(self.ip, cmd.seconds, cmd.reason, cmd.rule_id)
+        self.emit(
+            Emit(
+                "client.ban",
+                {
+                    "ban.seconds": round(store.remaining(ban), 1),
+                    "ban.reason": cmd.reason,
+                    "rule.id": cmd.rule_id,
+                },
+                kind="verdict",
+                outcome="success",
+            )
+        )
+
+    async def check_login(self, cmd: CheckLogin) -> list[SessionCommand]:
+        store = self.service.store
+        if store is None:
+            return self.session.login_checked(0, 0, 0)
+        stats = await store.record_login(self.ip, cmd.user, cmd.success)
+        return self.session.login_checked(
+            stats.failures_ip, stats.failures_user, stats.distinct_users_ip
+        )
 
     async def send_client(self, data: bytes) -> None:
         try:
@@ -354,4 +407,16 @@ async def serve_smtp(service: SmtpService, stream: trio.SocketStream) -> None:
     finally:
         service.active.discard(scope)
         await conn.close()
+        with trio.CancelScope(shield=True):
+            try:
+                await conn.execute(conn.session.finish())
+            except Exception as exc:  # noqa: BLE001 - same boundary, after the close
+                conn.emit(
+                    Emit(
+                        "internal_error",
+                        {"error.type": type(exc).__name__, "error.message": str(exc)[:500]},
+                        kind="alert",
+                        outcome="failure",
+                    )
+                )
         conn.emit_close()

@@ -25,9 +25,13 @@ from ._functions import IpRanges as IpRanges
 from ._functions import NamedList as NamedList
 from ._functions import cidr as cidr
 from ._functions import glob as glob
+from ._holder import ReloadResult as ReloadResult
+from ._holder import RuleHolder as RuleHolder
+from ._holder import snapshot as snapshot
 from ._loader import load_rules as load_rules
 from ._loader import parse_duration as parse_duration
 from ._model import DEFAULT_REPLIES as DEFAULT_REPLIES
+from ._model import PASS as PASS
 from ._model import CompiledRule as CompiledRule
 from ._model import HitCounters as HitCounters
 from ._model import Match as Match

@@ -40,9 +40,10 @@ import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, assert_never, final
+from typing import Any, Final, Literal, assert_never, final
 
 from mailmoat.errors import RemoteProtocolError
+from mailmoat.policy import RuleHolder, Verdict, default_reply
 from mailmoat.protocols.sasl import SaslObserver
 from mailmoat.protocols.smtp import (
     NEED_DATA,
@@ -68,51 +69,35 @@ from mailmoat.protocols.smtp import (
 )
 from mailmoat.protocols.xclient import UNAVAILABLE, format_xclient, xclient_addr
 
-# --------------------------------------------------------------------------- commands
+from ._policy import SESSION_PHASES, Judge
+from .commands import (
+    BanClient,
+    CheckLogin,
+    Close,
+    Delay,
+    Emit,
+    SendToClient,
+    SendToUpstream,
+    SessionCommand,
+    StartClientTls,
+    StartUpstreamTls,
+)
 
-
-@final
-@dataclass(frozen=True, slots=True)
-class SendToClient:
-    data: bytes
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class SendToUpstream:
-    data: bytes
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class StartClientTls:
-    """Run the server-side TLS handshake on the client leg, then call
-    :meth:`SmtpSession.client_tls_started` (or ``client_tls_failed``)."""
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class StartUpstreamTls:
-    """Run the client-side TLS handshake on the backend leg, then call
-    :meth:`SmtpSession.upstream_tls_started` (or ``upstream_tls_failed``)."""
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Emit:
-    action: str
-    fields: Mapping[str, Any] = field(default_factory=dict)
-    kind: str = "session"
-    outcome: str = "unknown"
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Close:
-    reason: str
-
-
-SessionCommand = SendToClient | SendToUpstream | StartClientTls | StartUpstreamTls | Emit | Close
+# Re-exported: the commands live in .commands, shared with the other protocols.
+__all__ = [
+    "BanClient",
+    "CheckLogin",
+    "Close",
+    "Delay",
+    "Emit",
+    "SendToClient",
+    "SendToUpstream",
+    "SessionCommand",
+    "SmtpSession",
+    "SmtpSessionConfig",
+    "StartClientTls",
+    "StartUpstreamTls",
+]
 
 
 class Awaiting(enum.Enum):
@@ -126,6 +111,7 @@ class State(enum.Enum):
     UP_EHLO = "up_ehlo"  # our EHLO to the backend before its STARTTLS
     UP_STARTTLS = "up_starttls"
     UP_TLS = "up_tls"  # backend handshake running
+    LOGIN = "login"  # the backend answered AUTH; the state store is being asked
     COMMAND = "command"  # waiting for the client
     RELAY = "relay"  # replies in flight from the backend
     CLIENT_TLS = "client_tls"  # client handshake running
@@ -195,6 +181,10 @@ R_BARE_NEWLINE = _r(
     "554 5.5.2 Error: bare <LF> or <CR> in message refused (SMTP smuggling defence)"
 )
 R_DATA_LINE_TOO_LONG = _r("554 5.5.2 Error: message line too long")
+R_BANNED = _r("554 5.7.1 Service unavailable; your address is blocked for a while")
+
+#: recipients kept for ``smtp.rcpt_to`` (``smtp.rcpt_count`` counts on)
+MAX_RCPT_CONTEXT: Final = 1000
 
 #: First words of requests in other protocols (postscreen's "non-SMTP command").
 NON_SMTP_VERBS = frozenset(
@@ -230,9 +220,26 @@ class SmtpSession:
     """One client session, see the module docstring."""
 
     def __init__(
-        self, config: SmtpSessionConfig, client_ip: str = "", client_port: int = 0
+        self,
+        config: SmtpSessionConfig,
+        client_ip: str = "",
+        client_port: int = 0,
+        *,
+        rules: RuleHolder | None = None,
+        session_id: str = "",
     ) -> None:
         self.config = config
+        self.judge = Judge(
+            rules,
+            "smtp",
+            session_id=session_id,
+            listener=config.listener,
+            client_ip=client_ip,
+            client_port=client_port,
+        )
+        self._smtp = self.judge.ctx["smtp"]
+        self._close_when_flushed: str | None = None
+        self._login_reply = b""
         self.client_ip = client_ip
         self.client_port = client_port
         self.state = State.UP_GREETING
@@ -260,6 +267,8 @@ class SmtpSession:
         self._data_stats = {"bare_lf": 0, "bare_cr": 0, "fake_eod": 0}
         self._after_bare_newline = False
         self._raw_tail = b"\r\n"
+        if self.tls_active:
+            self.judge.ctx["tls"]["active"] = True
 
     # ------------------------------------------------------------------ queries
 
@@ -270,7 +279,7 @@ class SmtpSession:
                 return Awaiting.UPSTREAM
             case State.COMMAND | State.DATA:
                 return Awaiting.CLIENT
-            case State.UP_TLS | State.CLIENT_TLS | State.CLOSED:
+            case State.UP_TLS | State.CLIENT_TLS | State.LOGIN | State.CLOSED:
                 return Awaiting.NOTHING
             case _ as unreachable:
                 assert_never(unreachable)
@@ -328,13 +337,17 @@ class SmtpSession:
             self.helo_seen = False
             self.reader = CommandReader(self.config.limits)
             self.state = State.COMMAND
-        return [
+            self._smtp["helo"] = ""
+        self.judge.ctx["tls"].update(active=True, version=version, cipher=cipher, sni=sni or "")
+        out: list[SessionCommand] = [
             Emit(
                 "tls.handshake",
                 {"tls.version": version, "tls.cipher": cipher, "tls.sni": sni, "tls.leg": "client"},
                 outcome="success",
             )
         ]
+        self._apply("tls", out)
+        return out
 
     def client_tls_failed(self, reason: str) -> list[SessionCommand]:
         out: list[SessionCommand] = [
@@ -523,6 +536,7 @@ class SmtpSession:
                     self.state = State.COMMAND
                     return
                 self.authenticated = reply.code == 235
+                user = sasl.user if sasl is not None else None
                 if sasl is not None:
                     if self.authenticated:
                         self.auth_user = sasl.user
@@ -545,6 +559,15 @@ class SmtpSession:
                         )
                     )
                 self._sasl = None
+                if reply.code != 421:
+                    # the login phase runs once the state store has counted it
+                    self.judge.ctx["auth"].update(
+                        user=user or "", result="success" if self.authenticated else "failure"
+                    )
+                    self._login_reply = data
+                    self.state = State.LOGIN
+                    out.append(CheckLogin(user or "", self.authenticated))
+                    return
             case Pending.DATA:
                 if reply.code == 354:
                     self.reader.expect_data()
@@ -585,6 +608,9 @@ class SmtpSession:
             return
         while self._inflight and self._inflight[0][0] is Pending.LOCAL:
             out.append(SendToClient(self._inflight.popleft()[1]))
+        if self._close_when_flushed is not None and not self._inflight:
+            self._close(out, self._close_when_flushed)
+            return
         if reply.code >= 400 and pending is not Pending.AUTH:
             self.errors += 1
         if self.errors >= self.config.max_errors and not self._inflight:
@@ -667,6 +693,8 @@ class SmtpSession:
 
     def _on_command(self, cmd: Command, out: list[SessionCommand]) -> None:
         verb = cmd.verb
+        if verb not in NON_SMTP_VERBS and verb and self._judged(cmd, out):
+            return
         if verb == "STARTTLS":
             self._on_starttls(cmd, out)
             return
@@ -704,6 +732,9 @@ class SmtpSession:
             return
         match cmd:
             case Hello():
+                self._smtp["helo"] = cmd.name
+                if self._apply("helo", out):
+                    return
                 kind = Pending.EHLO if cmd.extended else Pending.HELO
                 if not self._xclient_sent:
                     # tell the backend who the client is before its HELO/EHLO
@@ -717,11 +748,30 @@ class SmtpSession:
                 if size is not None and size.isdigit() and int(size) > self.config.max_message_size:
                     self._refuse(out, R_TOO_BIG)
                     return
+                smtp = self._smtp
+                smtp["mail_from"] = cmd.address.decode("utf-8", "replace")
+                smtp["rcpt_to"] = []
+                smtp["rcpt_count"] = 0
+                if self._apply("mail_from", out):
+                    return
                 self._forward(cmd.line, Pending.MAIL, out, ends_group=False)
             case RcptTo():
+                smtp = self._smtp
+                count = smtp.get("rcpt_count", 0) + 1
+                smtp["rcpt_count"] = count
+                if count <= MAX_RCPT_CONTEXT:
+                    smtp.setdefault("rcpt_to", []).append(cmd.address.decode("utf-8", "replace"))
+                if self._apply("rcpt", out):
+                    return
                 self._forward(cmd.line, Pending.RCPT, out, ends_group=False)
             case Auth():
-                self._sasl = SaslObserver(cmd.mechanism, cmd.initial_response)
+                sasl = SaslObserver(cmd.mechanism, cmd.initial_response)
+                self.judge.ctx["auth"].update(
+                    mechanism=cmd.mechanism, user=sasl.user or "", result=""
+                )
+                if self._apply("auth", out):
+                    return
+                self._sasl = sasl
                 self._forward(cmd.line, Pending.AUTH, out, ends_group=True)
             case _:
                 if verb in ("MAIL", "RCPT", "HELO", "EHLO", "AUTH"):
@@ -731,9 +781,22 @@ class SmtpSession:
                 elif verb == "QUIT":
                     self._forward(cmd.line, Pending.QUIT, out, ends_group=True)
                 elif verb == "RSET":
+                    self._smtp.update(mail_from="", rcpt_to=[], rcpt_count=0)
                     self._forward(cmd.line, Pending.RSET, out, ends_group=False)
                 else:
                     self._forward(cmd.line, Pending.PLAIN, out, ends_group=True)
+
+    def _judged(self, cmd: Command, out: list[SessionCommand]) -> bool:
+        """Fill ``smtp.command``/``args``/``errors``, run the command phase (every
+        command): True when a rule refused it."""
+        smtp = self._smtp
+        smtp["command"] = cmd.verb
+        smtp["errors"] = self.errors
+        if isinstance(cmd, Auth):
+            smtp["args"] = cmd.mechanism + (" ***" if cmd.initial_response is not None else "")
+        else:
+            smtp["args"] = cmd.args.decode("utf-8", "replace")[:512]
+        return self._apply("command", out)
 
     def _xclient_line(self, hello: Hello) -> bytes:
         attrs = {
@@ -850,9 +913,145 @@ class SmtpSession:
                 out, action.replace("smtp.message_", "message_").replace("smtp.", "message_")
             )
             return
+        if self.judge.has("data"):
+            stats = self._data_stats
+            self._smtp["data"] = {
+                "size": self._data_size,
+                "bare_lf": stats["bare_lf"] > 0,
+                "bare_cr": stats["bare_cr"] > 0,
+                "smuggling": stats["fake_eod"] > 0,
+            }
+            self._smtp["errors"] = self.errors
+            if self._apply("data", out):
+                # the final "." is held back, so nothing was delivered; the
+                # backend holds a partial body that only a close discards
+                out.append(
+                    Emit("smtp.message", {"smtp.data.size": self._data_size}, outcome="failure")
+                )
+                self._close(out, "message_rejected")
+                return
         self._inflight.append((Pending.END_OF_DATA, b""))
         out.append(SendToUpstream(end.line))
         self.state = State.RELAY
+
+    # ------------------------------------------------------------------ policy
+
+    def start(self, banned: bool = False, *, greet: bool = True) -> list[SessionCommand]:
+        """The connect phase, before anything is said: rules, then the ban list.
+
+        An ``allow`` here trusts the session (no later rule and no ban check
+        applies).  A banned address, or a ``deny``/``ban``/``reject`` verdict,
+        gets a 554 (only when ``greet``; on an implicit-TLS port nothing can
+        be said before the handshake) and the session ends.
+        """
+        out: list[SessionCommand] = []
+        self.judge.ctx["client"]["banned"] = banned
+        if self._apply("connect", out, greet=greet) or self.judge.trusted or not banned:
+            return out
+        detect = self.judge.holder is not None and self.judge.holder.mode == "detect"
+        out.append(
+            Emit(
+                "client.banned",
+                {"verdict.action": "detect" if detect else "deny"},
+                kind="verdict",
+                outcome="failure",
+            )
+        )
+        if not detect:
+            if greet:
+                out.append(SendToClient(R_BANNED))
+            self._close(out, "banned")
+        return out
+
+    def _apply(self, phase: str, out: list[SessionCommand], *, greet: bool = True) -> bool:
+        """Evaluate ``phase``; carry out the verdict. True when the command or
+        session was refused (the caller must not go on with it)."""
+        verdict = self.judge.evaluate(phase)
+        if not verdict.matches and verdict.action == "pass":
+            return False
+        out.extend(self.judge.events(verdict, phase))
+        if verdict.delay > 0:
+            out.append(Delay(verdict.delay))
+        action = verdict.action
+        if action not in ("reject", "deny", "ban"):
+            return False
+        reply = self._policy_reply(verdict)
+        if action == "reject" and phase not in SESSION_PHASES:
+            self._local(out, reply)
+            return True
+        if action == "ban":
+            rule = verdict.rule
+            out.append(
+                BanClient(
+                    verdict.ban,
+                    f"rule {rule.id}" if rule else "policy",
+                    rule.id if rule else None,
+                )
+            )
+        reason = "policy_ban" if action == "ban" else "policy_deny"
+        if phase == "close":
+            return True
+        if not greet:
+            self._close(out, reason)
+        elif self._inflight:
+            # earlier pipelined commands' replies come first (RFC 2920)
+            self._inflight.append((Pending.LOCAL, reply))
+            self._close_when_flushed = reason
+            self.reader.discard_buffer()
+        else:
+            out.append(SendToClient(reply))
+            self._close(out, reason)
+        return True
+
+    def _policy_reply(self, verdict: Verdict) -> bytes:
+        text = verdict.reply or default_reply("smtp", verdict.action)
+        if verdict.action != "reject" and text and not text.startswith(("421", "554")):
+            # a session-ending reply must be 421 or 554 (RFC 5321 §3.8, §4.2.2)
+            text = None
+        if verdict.action == "reject" and text and text[0] not in "45":
+            text = None
+        if not text:
+            text = default_reply("smtp", verdict.action) or "554 5.7.1 Access denied"
+        return text.encode("utf-8", "replace") + b"\r\n"
+
+    def login_checked(
+        self, failures_ip: int, failures_user: int, distinct_users_ip: int
+    ) -> list[SessionCommand]:
+        """The state store counted this login: run the login phase, then relay the reply."""
+        out: list[SessionCommand] = []
+        if self.state is not State.LOGIN:
+            return out
+        self.judge.ctx["login"].update(
+            failures_ip=failures_ip,
+            failures_user=failures_user,
+            distinct_users_ip=distinct_users_ip,
+        )
+        self.state = State.RELAY
+        reply, self._login_reply = self._login_reply, b""
+        if self._apply("login", out):
+            # reject: our reply stands for the backend's; deny/ban closed already
+            if self.state is not State.CLOSED:
+                if self.authenticated:
+                    # the backend's session is logged in: it cannot be taken back
+                    self._close(out, "policy_deny")
+                    return out
+                self.state = State.COMMAND
+                self._drain_client(out)
+            return out
+        out.append(SendToClient(reply))
+        self.state = State.COMMAND
+        self._drain_client(out)
+        return out
+
+    def finish(self) -> list[SessionCommand]:
+        """The close phase, once the session is over (bans for how it ended)."""
+        out: list[SessionCommand] = []
+        if not self.judge.has("close"):
+            return out
+        self.judge.ctx["session"]["close_reason"] = self.close_reason or "unknown"
+        self._smtp["errors"] = self.errors
+        self._apply("close", out)
+        return [c for c in out if not isinstance(c, SendToClient | Close)]
 
     # ------------------------------------------------------------------ helpers
 
@@ -926,6 +1125,7 @@ class SmtpSession:
             self._close(out, "client_closed")
             return out
         self._greet_open = False
+        self._smtp["pregreet"] = True
         host = self.config.hostname.encode("ascii", "replace")
         out.append(SendToClient(b"220 " + host + b" ESMTP\r\n" + R_PREGREET))
         out.append(

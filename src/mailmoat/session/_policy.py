@@ -1,0 +1,126 @@
+"""The rule engine as a session sees it: one context, filled in as the session goes.
+
+Contract: a :class:`Judge` belongs to one session.  It keeps the session's
+rule context (a sparse nested dict in the shape of
+:func:`mailmoat.policy.default_context`; the engine fills absent fields with
+their zero values), its risk score and tags, and whether an ``allow`` in the
+connect phase made the session trusted.  :meth:`Judge.evaluate` fetches the
+holder's *current* rule set every time, so a reload reaches sessions in
+flight at their next phase.  A phase without rules costs two dict lookups.
+
+:meth:`Judge.events` turns a verdict into ``rule.match`` events: one per
+matching rule, with the rule's id, name, severity and action, what was done
+(``verdict.action``; ``detect`` for a rule in detect mode) and, as
+``verdict.evidence``, the context fields the condition read.  The context
+never holds a password, so neither do the events.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, final
+
+from mailmoat.policy import PASS, RuleHolder, Verdict
+
+from .commands import Emit
+
+#: phases with no command to refuse: ``reject`` there ends the session like ``deny``
+SESSION_PHASES: Final = frozenset({"connect", "tls", "close"})
+
+
+@final
+class Judge:
+    """Per-session rule evaluation; see the module docstring."""
+
+    __slots__ = ("ctx", "holder", "protocol", "risk_score", "tags", "trusted")
+
+    def __init__(
+        self,
+        holder: RuleHolder | None,
+        protocol: str,
+        *,
+        session_id: str,
+        listener: str,
+        client_ip: str,
+        client_port: int,
+    ) -> None:
+        self.holder = holder
+        self.protocol = protocol
+        self.risk_score = 0
+        self.tags: list[str] = []
+        self.trusted = False
+        self.ctx: dict[str, dict[str, Any]] = {
+            "session": {"id": session_id, "protocol": protocol, "listener": listener},
+            "client": {"ip": client_ip, "port": client_port},
+            "tls": {},
+            "auth": {},
+            "login": {},
+            protocol: {},
+        }
+
+    def has(self, phase: str) -> bool:
+        holder = self.holder
+        return holder is not None and not self.trusted and holder.current.has(self.protocol, phase)
+
+    def evaluate(self, phase: str) -> Verdict:
+        holder = self.holder
+        if holder is None or self.trusted:
+            return PASS
+        rules = holder.current
+        if not rules.has(self.protocol, phase):
+            return PASS
+        self.ctx["session"]["phase"] = phase
+        verdict = rules.evaluate(self.protocol, phase, self.ctx, risk_score=self.risk_score)
+        if verdict.score:
+            self.risk_score += verdict.score
+        for tag in verdict.tags:
+            if tag not in self.tags:
+                self.tags.append(tag)
+        if verdict.action == "allow" and phase == "connect":
+            self.trusted = True
+        return verdict
+
+    def events(self, verdict: Verdict, phase: str) -> list[Emit]:
+        out: list[Emit] = []
+        for m in verdict.matches:
+            rule = m.rule
+            if m.detect_only:
+                done = "detect"
+            elif rule is verdict.rule:
+                done = verdict.action
+            else:
+                done = rule.action  # log, tag, score, tarpit: they never decide
+            fields: dict[str, Any] = {
+                "rule.id": rule.id,
+                "rule.name": rule.name,
+                "rule.severity": rule.severity,
+                "rule.action": rule.action,
+                "rule.phase": phase,
+                "rule.source": f"{rule.source}:{rule.line}" if rule.line else rule.source,
+                "verdict.action": done,
+                "verdict.evidence": dict(m.fields),
+                "risk.score": self.risk_score,
+            }
+            if rule.tags:
+                fields["rule.tags"] = list(rule.tags)
+            if m.detect_only and verdict.would_have is not None:
+                fields["verdict.would_have"] = verdict.would_have
+            out.append(
+                Emit(
+                    "rule.match",
+                    fields,
+                    kind="verdict",
+                    outcome="success"
+                    if done in ("log", "tag", "score", "allow", "detect")
+                    else "failure",
+                )
+            )
+        if verdict.threshold is not None:
+            out.append(
+                Emit(
+                    "risk.threshold",
+                    {"risk.score": self.risk_score, "verdict.action": verdict.threshold},
+                    kind="verdict",
+                    outcome="failure",
+                )
+            )
+        return out

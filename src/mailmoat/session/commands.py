@@ -1,0 +1,95 @@
+"""What a session asks its driver to do.
+
+Sessions are pure: they return a list of these commands and the driver
+(``mailmoat.net``) executes them in order.  Commands that need the outside
+world (a TLS handshake, the state store) are answered by the driver calling
+back into the session; the commands the callback returns run next, in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, final
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SendToClient:
+    data: bytes
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SendToUpstream:
+    data: bytes
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class StartClientTls:
+    """Run the server-side TLS handshake on the client leg, then call
+    the session's ``client_tls_started`` (or ``client_tls_failed``)."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class StartUpstreamTls:
+    """Run the client-side TLS handshake on the backend leg, then call
+    the session's ``upstream_tls_started`` (or ``upstream_tls_failed``)."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Emit:
+    action: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = "session"
+    outcome: str = "unknown"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """Tarpit: wait ``seconds`` before going on with the next command."""
+
+    seconds: float
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BanClient:
+    """Ban the client address for ``seconds`` in the node's state store."""
+
+    seconds: float
+    reason: str
+    rule_id: str | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CheckLogin:
+    """Record a login outcome in the state store, then call the session's
+    ``login_checked`` with the address's and user's recent counts."""
+
+    user: str
+    success: bool
+
+
+SessionCommand = (
+    SendToClient
+    | SendToUpstream
+    | StartClientTls
+    | StartUpstreamTls
+    | Emit
+    | Close
+    | Delay
+    | BanClient
+    | CheckLogin
+)
