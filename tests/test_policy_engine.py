@@ -487,3 +487,53 @@ def test_only_read_fields_reach_cel_and_maps_stay_whole(tmp_path: Path) -> None:
     assert c["session"]["phase"] == ""
     c["http"]["headers"]["host"] = "mail.example.org"
     assert ids(rs.evaluate("http", "request", c)) == ["H1", "H2", "H3"]
+
+
+def test_flattened_conditions_keep_cel_semantics(tmp_path: Path) -> None:
+    """Each field is its own CEL variable; objects, map keys and has() still work."""
+    rs = rules(
+        tmp_path,
+        r("H1", 'has(client.geo.city) && client.geo.city == ""', "log", phase="request")
+        + r("H2", 'has(http.headers.host) && http.headers.host == "mx.example"', "log", "request")
+        + r("H3", "!has(http.headers.cookie)", "log", "request")
+        + r("H4", 'client.geo != {} && client.geo.country == "DE"', "log", "request")
+        + r("H5", 'size(http.form) == 0 && http.method == "POST"', "log", "request"),
+    )
+    sparse = {"http": {"method": "POST", "headers": {"host": "mx.example"}}, "client": {}}
+    v = rs.evaluate("http", "request", sparse)
+    assert ids(v) == ["H1", "H2", "H3", "H5"]
+    sparse["client"] = {"geo": {"country": "DE"}}
+    assert ids(rs.evaluate("http", "request", sparse)) == ["H1", "H2", "H3", "H4", "H5"]
+    assert rs.error_stats() == {}
+
+
+def test_session_cache_sees_changes_made_in_place_and_survives_reload(
+    tmp_path: Path,
+) -> None:
+    from mailmoat.policy import EvalCache
+
+    rs = rules(tmp_path, r("T", 'smtp.rcpt_to.exists(x, x == "trap@x.org")', "reject", "rcpt"))
+    cache = EvalCache()
+    c: dict[str, Any] = {"smtp": {"rcpt_to": ["a@x.org"]}}
+    assert rs.evaluate("smtp", "rcpt", c, cache=cache).action == "pass"
+    c["smtp"]["rcpt_to"].append("trap@x.org")  # the session appends in place
+    v = rs.evaluate("smtp", "rcpt", c, cache=cache)
+    assert v.action == "reject"
+    assert v.matches[0].fields == {"smtp.rcpt_to": ["a@x.org", "trap@x.org"]}
+    # a new rule set (a reload) starts the cache afresh: no stale variable or function
+    other = rules(
+        tmp_path, r("U", 'smtp.rcpt_to.exists(x, x == "b@x.org")', "reject", "rcpt"), name="o.toml"
+    )
+    c["smtp"]["rcpt_to"] = ["b@x.org"]
+    assert other.evaluate("smtp", "rcpt", c, cache=cache).action == "reject"
+    assert rs.evaluate("smtp", "rcpt", c, cache=cache).action == "pass"
+
+
+def test_ipv4_mapped_client_ip_matches_ipv4_rules(tmp_path: Path) -> None:
+    rs = rules(
+        tmp_path,
+        r("M", 'client.ip == "192.0.2.1" && cidr(client.ip, "192.0.2.0/24")', "deny", "connect"),
+    )
+    v = rs.evaluate("smtp", "connect", {"client": {"ip": "::ffff:192.0.2.1"}})
+    assert v.action == "deny"
+    assert v.matches[0].fields == {"client.ip": "192.0.2.1"}

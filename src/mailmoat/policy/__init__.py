@@ -14,6 +14,7 @@ code that reads files.  Public API:
 from ._cases import CaseReport as CaseReport
 from ._cases import CaseResult as CaseResult
 from ._cases import run_cases as run_cases
+from ._engine import EvalCache as EvalCache
 from ._engine import RuleSet as RuleSet
 from ._fields import FIELDS as FIELDS
 from ._fields import NAMESPACES as NAMESPACES

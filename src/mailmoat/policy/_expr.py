@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Final, final
 
-from ._fields import NAMESPACES, check_path
+from ._fields import FIELDS, NAMESPACES, check_path
 from ._functions import parse_network
 
 _TOKEN = re.compile(
@@ -379,3 +379,97 @@ def rewrite_list_membership(source: str) -> str:
         else:
             return source
     raise ValueError("too many list rewrites")  # pragma: no cover - loop bound is generous
+
+
+#: how a flattened variable gets its value: a scalar or list field, a
+#: ``map(string,string)`` field, or an object (a namespace or e.g. ``client.geo``)
+VarKind = str
+
+
+def flat_name(path: str) -> str:
+    """The CEL variable for ``path``: ``client.geo.country`` -> ``_client__geo__country``."""
+    return "_" + path.replace(".", "__")
+
+
+def flatten_paths(source: str) -> tuple[str, tuple[tuple[str, str, VarKind], ...]]:
+    """Replace every context path by one top-level variable (analysis passed).
+
+    Converting a Python value into CEL costs microseconds per dict entry, so
+    the engine hands CEL each field the condition reads as its own variable
+    and re-adds only those whose value changed since the session's last phase.
+    ``client.ip`` becomes ``_client__ip``; a key of a map field keeps its
+    selection (``http.headers.host`` -> ``_http__headers.host``); an object used
+    whole becomes one variable holding it; inside ``has(...)`` the last
+    segment stays a selection on its parent (``has(client.geo.city)`` ->
+    ``has(_client__geo.city)``), since ``has`` needs one.
+
+    Returns the new source and ``(variable, path, kind)`` for each variable,
+    ``kind`` being ``"field"``, ``"map"`` or ``"object"``.
+    """
+    tokens = tokenize(source)
+    bound: set[str] = set()
+    for i, tok in enumerate(tokens):
+        if (
+            tok.kind == "ident"
+            and tok.text in MACROS
+            and i > 0
+            and tokens[i - 1].text == "."
+            and i + 3 < len(tokens)
+            and tokens[i + 1].text == "("
+            and tokens[i + 2].kind == "ident"
+            and tokens[i + 3].text == ","
+        ):
+            bound.add(tokens[i + 2].text)
+    out: list[str] = []
+    variables: dict[str, tuple[str, str, VarKind]] = {}
+    pos = 0
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        prev = tokens[i - 1] if i > 0 else None
+        if (
+            tok.kind != "ident"
+            or (prev is not None and prev.text == ".")
+            or tok.text not in NAMESPACES
+            or tok.text == "lists"
+            or tok.text in bound
+        ):
+            i += 1
+            continue
+        parts = [tok.text]
+        j = i
+        while (
+            j + 2 < len(tokens)
+            and tokens[j + 1].text == "."
+            and tokens[j + 2].kind == "ident"
+            and not (j + 3 < len(tokens) and tokens[j + 3].text == "(")
+        ):
+            parts.append(tokens[j + 2].text)
+            j += 2
+        in_has = (
+            i >= 2
+            and tokens[i - 1].text == "("
+            and tokens[i - 2].text == "has"
+            and j + 1 < len(tokens)
+            and tokens[j + 1].text == ")"
+            and len(parts) > 1
+        )
+        keep = parts[-1:] if in_has else []
+        head = parts[:-1] if in_has else parts
+        # the longest prefix of head that is a field decides what the variable holds
+        var_path, kind = ".".join(head), "object"
+        for k in range(1, len(head) + 1):
+            prefix = ".".join(head[:k])
+            if prefix in FIELDS:
+                var_path = prefix
+                kind = "map" if FIELDS[prefix].type == "map(string,string)" else "field"
+                keep = head[k:] + keep
+                break
+        name = flat_name(var_path)
+        variables.setdefault(name, (name, var_path, kind))
+        out.append(source[pos : tok.start])
+        out.append(name + "".join("." + p for p in keep))
+        pos = tokens[j].end
+        i = j + 1
+    out.append(source[pos:])
+    return "".join(out), tuple(variables.values())

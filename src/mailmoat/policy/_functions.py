@@ -44,6 +44,12 @@ def parse_ip(value: object) -> IPAddress | None:
     """An address, IPv4-mapped IPv6 unwrapped to IPv4; ``None`` if not an address."""
     if not isinstance(value, str):
         return None
+    return _cached_ip(value)
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_ip(value: str) -> IPAddress | None:
+    # parsing costs ~4 µs; a session's address is looked at in every phase
     try:
         addr = ipaddress.ip_address(value.strip("[]") if value.startswith("[") else value)
     except ValueError:

@@ -25,7 +25,7 @@ from mailmoat.errors import RuleError
 
 from ._cel import compile_expression, syntax_error_position
 from ._engine import EXTRA_FUNCTIONS, RuleSet
-from ._expr import NATIVE_FUNCTIONS, analyze, rewrite_list_membership
+from ._expr import NATIVE_FUNCTIONS, analyze, flatten_paths, rewrite_list_membership
 from ._fields import PHASES, PROTOCOLS
 from ._functions import LIST_KINDS, ListKind, NamedList, build_list
 from ._model import ACTIONS, MODES, SEVERITIES, CompiledRule, Mode, RuleErrors, Scoring
@@ -495,6 +495,7 @@ def _load_rule(
             err(f"{key} is only used with action = {key!r}; this rule's action is {action!r}", key)
 
     program = None
+    variables: tuple[tuple[str, str, str], ...] = ()
     reads: tuple[str, ...] = ()
     used_lists: tuple[str, ...] = ()
     when = entry.get("when")
@@ -519,7 +520,7 @@ def _load_rule(
                     rule_id,
                 )
             if not analysis.problems:
-                rewritten = rewrite_list_membership(when)
+                rewritten, variables = flatten_paths(rewrite_list_membership(when))
                 try:
                     program = compile_expression(rewritten)
                 except ValueError as exc:  # pragma: no cover - a bug in the rewrite
@@ -551,4 +552,5 @@ def _load_rule(
         reads=reads,
         lists=used_lists,
         program=program,
+        variables=variables,
     )

@@ -90,6 +90,8 @@ class CompiledRule:
     #: named lists the condition uses
     lists: tuple[str, ...]
     program: Program
+    #: ``(cel_variable, dotted_path, kind)`` the compiled program reads (see _expr.flatten_paths)
+    variables: tuple[tuple[str, str, str], ...] = ()
 
     def __repr__(self) -> str:
         return f"CompiledRule({self.id!r}, {self.action!r}, {self.source}:{self.line})"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Final, final
 
-from mailmoat.policy import PASS, RuleHolder, Verdict
+from mailmoat.policy import PASS, EvalCache, RuleHolder, Verdict
 
 from .commands import Emit
 
@@ -31,7 +31,7 @@ SESSION_PHASES: Final = frozenset({"connect", "tls", "close"})
 class Judge:
     """Per-session rule evaluation; see the module docstring."""
 
-    __slots__ = ("ctx", "holder", "protocol", "risk_score", "tags", "trusted")
+    __slots__ = ("cache", "ctx", "holder", "protocol", "risk_score", "tags", "trusted")
 
     def __init__(
         self,
@@ -48,6 +48,7 @@ class Judge:
         self.risk_score = 0
         self.tags: list[str] = []
         self.trusted = False
+        self.cache = EvalCache()
         self.ctx: dict[str, dict[str, Any]] = {
             "session": {"id": session_id, "protocol": protocol, "listener": listener},
             "client": {"ip": client_ip, "port": client_port},
@@ -69,7 +70,9 @@ class Judge:
         if not rules.has(self.protocol, phase):
             return PASS
         self.ctx["session"]["phase"] = phase
-        verdict = rules.evaluate(self.protocol, phase, self.ctx, risk_score=self.risk_score)
+        verdict = rules.evaluate(
+            self.protocol, phase, self.ctx, risk_score=self.risk_score, cache=self.cache
+        )
         if verdict.score:
             self.risk_score += verdict.score
         for tag in verdict.tags:
