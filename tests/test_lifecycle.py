@@ -288,6 +288,8 @@ def test_demo_delivers(tmp_path: Path, proc_factory: Any, backend: str) -> None:
     assert f"swaks --server 127.0.0.1:{base + 25}" in banner
     assert (data / "tls" / "cert.pem").is_file()
     assert (data / "mailmoat.toml").is_file()
+    rules_line = next(x for x in proc.lines if x.startswith("Rules:"))
+    assert int(rules_line.split()[1]) >= 10, rules_line  # the shipped rule sets are loaded
 
     r = subprocess.run(
         [
