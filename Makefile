@@ -43,7 +43,7 @@ fuzz: $(STAMP)
 		rm -rf $$work; \
 	done
 
-## bench: mailmoat side by side with smtp-sink direct and HAProxy (needs root: starts Postfix tools)
+## bench: mailmoat side by side with smtp-sink direct and HAProxy, and the rule engine's cost (needs root: starts Postfix tools)
 bench: $(STAMP)
 	$(PY) bench/run.py
 

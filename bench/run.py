@@ -7,19 +7,29 @@ Sections (``--only NAME[,NAME]``; ``--list`` shows them):
   messages, one message per session.  Prints sessions/s, MiB/s and the CPU
   time per message of the measured process (the sink for the direct row, the
   proxy otherwise), then the mailmoat/HAProxy ratios against the goals.
+* ``rules`` -- the cost of the rule engine: ``RuleSet.evaluate()`` of one phase
+  with 10, 100 and 1000 rules (in process, ``bench/rules_eval.py``), then
+  ``smtp-source`` (1 KB, one message per session) through three mailmoat
+  instances in front of one ``smtp-sink``: without ``[rules]``, with the
+  shipped ``rules/`` and with 1000 generated rules spread over the SMTP phases
+  (none of which fires on the bench traffic), runs interleaved.  Prints
+  sessions/s and mailmoat CPU ms per session of each, and the cost against no
+  rules (``1 - sessions_x/sessions_none``, ``cpu_x/cpu_none - 1``) against the
+  goals (shipped < 10 %, 1000 rules < 25 %).  Exit status 1 if any run failed.
 
 Every process this script starts runs on 127.0.0.1, is bounded (fixed message
 counts, ``timeout`` on every client run) and is stopped in a ``finally``
 (SIGTERM, then SIGKILL), also on Ctrl-C.  Results go to
 ``$BENCH_OUT/<section>-latest.json`` (default ``/tmp/mailmoat-bench``).
 
-A later section (IMAP logins/s, HTTP with wrk, rule-engine cost) is one more
+A later section (IMAP logins/s, HTTP with wrk) is one more
 function ``section_x(ctx) -> dict`` registered in :data:`SECTIONS`, using
 :class:`Stack` to start and stop its peers.
 
     python bench/run.py                      # everything, default sizes
     python bench/run.py --only smtp --repeats 1 --small-msgs 1000 --large-msgs 50
     python bench/run.py --conc1              # add concurrency-1 rows
+    python bench/run.py --only rules         # rule cost; --rules-msgs 2000 --rules-repeats 5
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -41,6 +52,7 @@ import sys
 import tempfile
 import time
 import types
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -266,6 +278,8 @@ class Options:
     src: Path
     profile: Path | None
     profile_seconds: int
+    rules_msgs: int
+    rules_repeats: int
 
 
 @dataclass
@@ -694,10 +708,364 @@ def section_smtp(ctx: Context) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- rules
+
+SHIPPED_RULES = REPO / "rules"
+RULE_COUNTS = (10, 100, 1000)  # evaluate() cost of one phase with this many rules
+RULE_SET_SIZE = 1000  # the large rule set loaded into mailmoat
+# goals: cost of rules in mailmoat's sessions/s against no rules (see docs/benchmarks.md)
+GOAL_RULES_SHIPPED = 0.10
+GOAL_RULES_1000 = 0.25
+
+
+@dataclass
+class RuleSetup:
+    name: str  # "none", "shipped", "1000"
+    paths: list[Path]
+    rules: int = 0
+    note: str = ""
+
+
+def mailmoat_rules_config(
+    host: str,
+    port: int,
+    sink_port: int,
+    data_dir: Path,
+    paths: list[Path],
+    admin_port: int,
+    token_file: Path,
+) -> str:
+    """:func:`mailmoat_config` plus ``[rules]`` (left out without paths) and ``[admin]``.
+
+    The admin API (idle during the runs, on every instance alike) is only asked
+    for the hit and evaluation-error counters of the rules after the runs.
+    """
+    text = mailmoat_config(host, port, sink_port, data_dir)
+    if paths:
+        text += "\n[rules]\npaths = [" + ", ".join(json.dumps(str(p)) for p in paths) + "]\n"
+    text += (
+        f'\n[admin]\nlisten = "{host}:{admin_port}"\ntoken_file = {json.dumps(str(token_file))}\n'
+    )
+    return text
+
+
+def rule_counters(host: str, admin_port: int, token: str) -> list[dict[str, Any]]:
+    """``GET /api/rules``: the loaded rules with their ``hits`` and ``errors``."""
+    req = urllib.request.Request(
+        f"http://{require_loopback(host)}:{admin_port}/api/rules",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"admin API on :{admin_port}: {exc}") from None
+    return list(body.get("rules", []))
+
+
+def start_sink(ctx: Context, stack: Stack, bins: dict[str, str]) -> tuple[Proc, int]:
+    host = ctx.opts.host
+    sink_port = free_port(host)
+    sink_argv = [bins["smtp-sink"]]
+    if os.geteuid() == 0:
+        sink_argv += ["-u", "nobody"]  # required when started as root
+    sink_argv += ["-4", "-m", "1000", f"{host}:{sink_port}", "4096"]
+    sink = stack.start("smtp-sink", sink_argv)
+    stack.wait_port(sink, host, sink_port)
+    return sink, sink_port
+
+
+def rule_sets(ctx: Context, rules_eval: types.ModuleType) -> list[RuleSetup]:
+    """None, the shipped ``rules/`` (or a stand-in when it has no rule file) and 1000 rules."""
+    shipped = RuleSetup("shipped", [SHIPPED_RULES])
+    if not sorted(SHIPPED_RULES.glob("*.toml")):
+        standin = ctx.workdir / "rules-standin"
+        standin.mkdir()
+        rules_eval.write_standin_rules(standin)
+        shipped.paths = [standin]
+        shipped.note = (
+            f"{SHIPPED_RULES} has no *.toml: measured a STAND-IN shipped set "
+            "(bench/rules_eval.py STANDIN_RULES) instead"
+        )
+    generated = ctx.workdir / f"rules-{RULE_SET_SIZE}"
+    generated.mkdir()
+    rules_eval.write_session_rules(generated, RULE_SET_SIZE)
+    return [RuleSetup("none", []), shipped, RuleSetup(str(RULE_SET_SIZE), [generated])]
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:+.1f} %"
+
+
+def print_rules_report(
+    eval_rows: list[dict[str, float]],
+    empty_ns: float,
+    setups: list[RuleSetup],
+    session_us: dict[str, float],
+    used_cache: bool,
+    print_eval_table: Callable[[list[dict[str, float]], float], None],
+    rows: list[Row],
+    costs: list[dict[str, Any]],
+    case: Case,
+    repeats: int,
+) -> None:
+    print("\nevaluate() of one phase, N rules on smtp rcpt, none deciding (in process):")
+    print_eval_table(eval_rows, empty_ns)
+    print(
+        "\nevaluate() over the phases of one bench session (connect, 5x command, helo, mail_from,"
+        f" rcpt, data, close; in process{', per-session cache' if used_cache else ''}):"
+    )
+    for s in setups[1:]:
+        print(f"  {s.name:<8} {s.rules:>5} rules  {session_us[s.name]:8.1f} µs/session")
+    for s in setups:
+        if s.note:
+            print(f"NOTE: {s.note}")
+    print(
+        f"\nmailmoat (tls none, events none) <- smtp-source {case.label} x {case.msgs},"
+        f" conc {case.conc}, one message per session; medians of {repeats}:"
+    )
+    head = ("rules", "loaded", "ok", "sessions/s", "CPU ms/session")
+    table = [head]
+    by_name = {r.target: r for r in rows}
+    for s in setups:
+        r = by_name[s.name]
+        table.append(
+            (
+                s.name,
+                str(s.rules),
+                f"{r.runs_ok}/{r.runs}",
+                fmt(r.sessions_per_s, 0),
+                fmt(r.cpu_ms_per_msg, 3),
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+    for n, line in enumerate(table):
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    for c in costs:
+        verdict = {True: "MET", False: "NOT met", None: "n/a"}
+        print(
+            f"cost of {c['rules']:<8} rules vs none: sessions/s {pct(c['sessions_cost'])}"
+            f" (paired per repeat {pct(c['sessions_cost_paired'])}) {verdict[c['sessions_met']]};"
+            f" CPU/session {pct(c['cpu_cost'])}"
+            f" (paired {pct(c['cpu_cost_paired'])}) {verdict[c['cpu_met']]};"
+            f" goal < {c['goal'] * 100:.0f} %"
+        )
+
+
+def rule_costs(
+    setups: list[RuleSetup], rows: list[Row], runs: list[RunResult]
+) -> list[dict[str, Any]]:
+    """``1 - sessions_x/sessions_none`` and ``cpu_x/cpu_none - 1``, of the medians and
+    as the median of the per-repeat (adjacent runs) ratios."""
+    by_name = {r.target: r for r in rows}
+    base = by_name["none"]
+    goals = {"shipped": GOAL_RULES_SHIPPED, str(RULE_SET_SIZE): GOAL_RULES_1000}
+
+    def paired(name: str, metric: str) -> float | None:
+        values: list[float] = []
+        for rep in sorted({r.repeat for r in runs}):
+            x = [r for r in runs if r.target == name and r.repeat == rep and r.ok]
+            b = [r for r in runs if r.target == "none" and r.repeat == rep and r.ok]
+            if x and b and getattr(b[0], metric):
+                q = getattr(x[0], metric) / getattr(b[0], metric)
+                values.append(1 - q if metric == "sessions_per_s" else q - 1)
+        v = median(values)
+        return None if v is None else round(v, 4)
+
+    out: list[dict[str, Any]] = []
+    for s in setups[1:]:
+        row = by_name[s.name]
+        sess = cpu = None
+        if row.sessions_per_s is not None and base.sessions_per_s:
+            sess = round(1 - row.sessions_per_s / base.sessions_per_s, 4)
+        if row.cpu_ms_per_msg is not None and base.cpu_ms_per_msg:
+            cpu = round(row.cpu_ms_per_msg / base.cpu_ms_per_msg - 1, 4)
+        goal = goals[s.name]
+        out.append(
+            {
+                "rules": s.name,
+                "loaded": s.rules,
+                "goal": goal,
+                "sessions_cost": sess,
+                "sessions_cost_paired": paired(s.name, "sessions_per_s"),
+                "sessions_met": None if sess is None else sess < goal,
+                "cpu_cost": cpu,
+                "cpu_cost_paired": paired(s.name, "cpu_ms_per_msg"),
+                "cpu_met": None if cpu is None else cpu < goal,
+            }
+        )
+    return out
+
+
+def section_rules(ctx: Context) -> dict[str, Any]:
+    """Rules: evaluate() cost with 10/100/1000 rules; mailmoat sessions/s, no/shipped/1000 rules."""
+    opts = ctx.opts
+    bins = find_binaries(["smtp-source", "smtp-sink", "timeout"])
+    # rules_eval (next to this file) imports mailmoat.policy: take it from --src
+    for p in (str(REPO / "bench"), str(opts.src)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    try:
+        import rules_eval
+
+        from mailmoat.policy import RuleErrors, load_rules
+    except ImportError as exc:
+        raise BenchError(f"cannot import mailmoat.policy from {opts.src}: {exc}") from None
+
+    ctx.log(f"evaluate() of one phase with {'/'.join(map(str, RULE_COUNTS))} rules (in process)")
+    eval_rows, empty_ns = rules_eval.eval_table(RULE_COUNTS)
+
+    setups = rule_sets(ctx, rules_eval)
+    predicted: dict[str, list[tuple[str, str, str]]] = {}
+    session_us: dict[str, float] = {}
+    used_cache = False
+    for s in setups[1:]:
+        try:
+            loaded = load_rules(s.paths)
+        except RuleErrors as exc:
+            raise BenchError(f"the {s.name} rules ({s.paths[0]}) do not load:\n{exc}") from None
+        s.rules = len(loaded.rules)
+        predicted[s.name] = rules_eval.bench_matches(loaded)
+        seconds, used_cache = rules_eval.session_cost(loaded)
+        session_us[s.name] = round(seconds * 1e6, 1)
+        for phase, rule_id, outcome in predicted[s.name]:
+            ctx.log(f"{s.name}: {rule_id} matches the bench traffic in {phase} ({outcome})")
+    for s in setups:
+        if s.note:
+            ctx.log(f"NOTE: {s.note}")
+
+    case = Case(KB, opts.conc, opts.rules_msgs)
+    token = secrets.token_hex(32)
+    token_file = ctx.workdir / "admin.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(opts.src), env.get("PYTHONPATH", "")) if p)
+    runs: list[RunResult] = []
+    counters: dict[str, list[dict[str, Any]]] = {}
+    problems: list[str] = []
+    with Stack(ctx.workdir) as stack:
+        sink, sink_port = start_sink(ctx, stack, bins)
+        targets: list[Target] = []
+        admin_ports: dict[str, int] = {}
+        for s in setups:
+            port, admin_port = free_port(opts.host), free_port(opts.host)
+            data_dir = ctx.workdir / f"data-{s.name}"
+            data_dir.mkdir()
+            cfg = ctx.workdir / f"mailmoat-{s.name}.toml"
+            cfg.write_text(
+                mailmoat_rules_config(
+                    opts.host, port, sink_port, data_dir, s.paths, admin_port, token_file
+                )
+            )
+            proc = stack.start(
+                f"mailmoat-{s.name}",
+                [opts.python, "-m", "mailmoat.cli", "run", "-c", str(cfg)],
+                env=env,
+            )
+            stack.wait_port(proc, opts.host, port, seconds=120)  # 1000 rules compile first
+            targets.append(Target(s.name, port, proc))
+            admin_ports[s.name] = admin_port
+        ctx.log(
+            f"smtp-sink pid {sink.pid} :{sink_port}; "
+            + ", ".join(f"mailmoat[{t.name}] pid {t.measured.pid} :{t.port}" for t in targets)
+            + f" (work dir {ctx.workdir})"
+        )
+        for t in targets:  # warm-up: imports, first compiles, backend connections
+            status, _, _, out = run_bounded(
+                smtp_source_argv(bins["smtp-source"], opts.host, t.port, Case(KB, 5, 100)), 60
+            )
+            if status != 0 or "fatal:" in out:
+                problems.append(f"warm-up against {t.name}: rc={status}: {' '.join(out.split())}")
+        for rep in range(1, opts.rules_repeats + 1):
+            # interleaved (none, shipped, 1000, ...) and rotated per repeat: drift hits all alike
+            shift = (rep - 1) % len(targets)
+            for t in targets[shift:] + targets[:shift]:
+                r = measure(ctx, bins["smtp-source"], t, case, rep)
+                runs.append(r)
+                ctx.log(
+                    f"repeat {rep}/{opts.rules_repeats} rules={t.name:<8}"
+                    f" {r.sessions_per_s:7.0f} sess/s {r.cpu_ms_per_msg:7.3f} ms CPU/session"
+                    + ("" if r.ok else f"  FAILED {r.error}")
+                )
+                if not r.ok:
+                    problems.append(f"repeat {rep} against {t.name}: {r.error}")
+                for proc in stack.procs:
+                    if not proc.alive():
+                        raise BenchError(f"{proc.name} died during the run: {proc.log_tail()}")
+        for t in targets:
+            counters[t.name] = rule_counters(opts.host, admin_ports[t.name], token)
+            tail = t.measured.log_tail(2000)
+            if "Traceback" in tail or "error" in tail.lower():
+                problems.append(f"mailmoat[{t.name}] log: {tail[-400:]}")
+
+    rows = summarize(targets, [case], runs)
+    costs = rule_costs(setups, rows, runs)
+    print_rules_report(
+        eval_rows,
+        empty_ns,
+        setups,
+        session_us,
+        used_cache,
+        rules_eval.print_eval_table,
+        rows,
+        costs,
+        case,
+        opts.rules_repeats,
+    )
+    matched = {
+        name: [
+            {k: rule[k] for k in ("id", "name", "phase", "action", "hits", "errors")}
+            for rule in rules
+            if rule.get("hits") or rule.get("errors")
+        ]
+        for name, rules in counters.items()
+    }
+    for name, hits in matched.items():
+        for hit in hits:
+            print(
+                f"NOTE: {name}: rule {hit['id']} ({hit['phase']}, {hit['action']}) matched"
+                f" {hit['hits']} times, {hit['errors']} evaluation errors, on bench traffic"
+            )
+    if not any(matched.values()):
+        print("no rule matched the bench traffic and no rule had an evaluation error")
+    sessions = sum(r.msgs for r in runs if r.ok)
+    if problems:
+        print(f"\nFAILED: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print(f"all {len(runs)} runs ok: {sessions} sessions through mailmoat, smtp-source exit 0")
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "evaluate_one_phase": {"rows": eval_rows, "empty_phase_ns": empty_ns},
+        "evaluate_one_session_us": session_us,
+        "evaluate_one_session_cache": used_cache,
+        "rule_sets": [asdict(s) | {"paths": [str(p) for p in s.paths]} for s in setups],
+        "predicted_matches": predicted,
+        "rule_counters_matched": matched,
+        "rows": [asdict(r) for r in rows],
+        "costs": costs,
+        "case": asdict(case),
+        "repeats": opts.rules_repeats,
+        "tools": dict(bins),
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "smtp": section_smtp,
+    "rules": section_rules,
 }
 
 
@@ -771,6 +1139,18 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         help="after measuring, py-spy mailmoat under 1 KB load into this file",
     )
     p.add_argument("--profile-seconds", type=int, default=env_int("BENCH_PROFILE_SECONDS", 15))
+    p.add_argument(
+        "--rules-msgs",
+        type=int,
+        default=env_int("BENCH_RULES_MSGS", 2000),
+        help="rules section: 1 KB sessions per run (default 2000)",
+    )
+    p.add_argument(
+        "--rules-repeats",
+        type=int,
+        default=env_int("BENCH_RULES_REPEATS", 5),
+        help="rules section: repeats of (none, shipped, 1000 rules) (default 5)",
+    )
     a = p.parse_args(argv)
     if a.list:
         for name, fn in SECTIONS.items():
@@ -789,10 +1169,18 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         "large_msgs_c1",
         "run_timeout",
         "profile_seconds",
+        "rules_msgs",
+        "rules_repeats",
     ):
         if getattr(a, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
-    if a.small_msgs > 1_000_000 or a.large_msgs > 100_000 or a.run_timeout > 3600:
+    if (
+        a.small_msgs > 1_000_000
+        or a.large_msgs > 100_000
+        or a.rules_msgs > 1_000_000
+        or a.rules_repeats > 100
+        or a.run_timeout > 3600
+    ):
         raise BenchError("refusing unbounded-looking sizes (msgs or --run-timeout too large)")
     opts = Options(
         host=require_loopback(a.host),
@@ -809,6 +1197,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         src=Path(a.src).resolve(),
         profile=Path(a.profile) if a.profile else None,
         profile_seconds=a.profile_seconds,
+        rules_msgs=a.rules_msgs,
+        rules_repeats=a.rules_repeats,
     )
     return opts, only
 
@@ -867,6 +1257,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 out.write_text(json.dumps(doc, indent=2) + "\n")
                 log(f"wrote {out}")
+                if result.get("ok") is False:
+                    print(f"bench: {name}: some runs failed (see above and {out})", file=sys.stderr)
+                    status = 1
             except BenchError as exc:
                 print(f"bench: {name}: {exc}", file=sys.stderr)
                 status = 1
