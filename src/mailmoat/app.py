@@ -26,6 +26,7 @@ from .admin import AdminConfig, AdminServer, Request, Response
 from .config import Address, Config
 from .errors import ConfigError, MailmoatError
 from .events import Emitter, EventSink, json_lines_sink
+from .net.imap import ImapService, serve_imap
 from .net.smtp import SmtpService, serve_smtp
 from .net.tls import CertKeyPair, CertStore
 from .net.upstream import BackendPool
@@ -33,6 +34,7 @@ from .policy import ReloadResult, RuleErrors, RuleHolder, snapshot
 from .state import MemoryStore
 
 R_BUSY = b"421 4.7.0 Too many connections, try again later\r\n"
+B_BUSY = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
 
 
 @final
@@ -51,7 +53,7 @@ class Node:
     rules: RuleHolder = field(default_factory=RuleHolder.empty)
     store: MemoryStore = field(default_factory=MemoryStore)
     admin_address: tuple[str, int] | None = None
-    services: dict[str, SmtpService] = field(default_factory=dict)
+    services: dict[str, SmtpService | ImapService] = field(default_factory=dict)
     bound: dict[str, list[Address]] = field(default_factory=dict)
     accept_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False
@@ -181,10 +183,14 @@ async def run_node(
     )
     all_listeners: list[trio.SocketListener] = []
     try:
-        sockets: list[tuple[SmtpService, list[trio.SocketListener]]] = []
+        sockets: list[tuple[SmtpService | ImapService, list[trio.SocketListener]]] = []
         pools = {name: BackendPool(b) for name, b in config.backends.items()}
         for lc in config.listeners:
-            service = SmtpService(lc, pools[lc.backend], node.certs, emitter, holder, store)
+            service: SmtpService | ImapService
+            if lc.protocol == "imap":
+                service = ImapService(lc, pools[lc.backend], node.certs, emitter, holder, store)
+            else:
+                service = SmtpService(lc, pools[lc.backend], node.certs, emitter, holder, store)
             node.services[lc.name] = service
             opened: list[trio.SocketListener] = []
             for address in lc.listen:
@@ -235,7 +241,7 @@ async def run_node(
 
 
 async def _accept_loop(
-    service: SmtpService, listener: trio.SocketListener, sessions: trio.Nursery
+    service: SmtpService | ImapService, listener: trio.SocketListener, sessions: trio.Nursery
 ) -> None:
     """Accept forever; each connection runs in the node's session nursery."""
     while True:
@@ -251,15 +257,19 @@ async def _accept_loop(
                 continue
             raise
         if len(service.active) >= service.listener.max_sessions:
-            sessions.start_soon(_refuse_busy, stream)
+            busy = R_BUSY if isinstance(service, SmtpService) else B_BUSY
+            sessions.start_soon(_refuse_busy, stream, busy)
             continue
-        sessions.start_soon(serve_smtp, service, stream)
+        if isinstance(service, ImapService):
+            sessions.start_soon(serve_imap, service, stream)
+        else:
+            sessions.start_soon(serve_smtp, service, stream)
 
 
-async def _refuse_busy(stream: trio.SocketStream) -> None:
+async def _refuse_busy(stream: trio.SocketStream, message: bytes) -> None:
     with trio.move_on_after(2):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(R_BUSY)
+            await stream.send_all(message)
     await trio.aclose_forcefully(stream)
 
 

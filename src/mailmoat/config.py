@@ -31,8 +31,8 @@ Identity = Literal["none", "xclient", "proxy-v2", "imap-id", "forwarded"]
 TLS_MODES: tuple[TlsMode, ...] = ("none", "starttls", "implicit")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 #: protocols this version can proxy; the others are reserved by DESIGN.md §4
-SUPPORTED_PROTOCOLS: tuple[Protocol, ...] = ("smtp",)
-SUPPORTED_IDENTITIES: tuple[Identity, ...] = ("none", "xclient", "proxy-v2")
+SUPPORTED_PROTOCOLS: tuple[Protocol, ...] = ("smtp", "imap")
+SUPPORTED_IDENTITIES: tuple[Identity, ...] = ("none", "xclient", "proxy-v2", "imap-id")
 
 
 @final
@@ -654,6 +654,17 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
             known = ", ".join(repr(n) for n in backends) or "none defined"
             ctx.error(
                 f"backend {lc.backend!r} is not defined by any [[backend]] (known: {known})",
+                "listener",
+                i,
+                "backend",
+            )
+        bk = backends.get(lc.backend)
+        fits = {"smtp": ("none", "xclient", "proxy-v2"), "imap": ("none", "imap-id", "proxy-v2")}
+        if bk is not None and lc.protocol in fits and bk.client_identity not in fits[lc.protocol]:
+            ctx.error(
+                f"backend {bk.name!r} has client_identity = {bk.client_identity!r}, which an "
+                f"{lc.protocol} listener cannot speak (use one of "
+                f"{', '.join(repr(x) for x in fits[lc.protocol])})",
                 "listener",
                 i,
                 "backend",

@@ -1,0 +1,437 @@
+"""The IMAP connection driver: runs one :class:`~mailmoat.session.imap.ImapSession`.
+
+Before login it works like the SMTP driver (read the side the session waits
+on, feed it, execute its commands in order, every await under a deadline).
+After a successful login the session returns :class:`StartRelay` and the
+driver copies bytes both ways in two tasks until either side closes or
+stays silent longer than :data:`RELAY_IDLE_TIMEOUT` (IDLE included: RFC 9051
+§5.4 lets a client stay idle for 30 minutes).
+
+:func:`serve_imap` is the per-connection error boundary, as for SMTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, cast, final
+
+import trio
+
+from mailmoat.config import ListenerConfig
+from mailmoat.events import Emitter, new_session_id
+from mailmoat.policy import RuleHolder
+from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
+from mailmoat.session.imap import (
+    B_UNAVAILABLE,
+    Awaiting,
+    ImapCommand,
+    ImapSession,
+    ImapSessionConfig,
+    StartRelay,
+)
+from mailmoat.session.smtp import (
+    BanClient,
+    CheckLogin,
+    Close,
+    Delay,
+    Emit,
+    SendToClient,
+    SendToUpstream,
+    StartClientTls,
+    StartUpstreamTls,
+)
+from mailmoat.state import MemoryStore
+
+from .smtp import MAX_TARPIT, RECEIVE_SIZE, _as_bytes, _peer
+from .tls import CertStore, TlsError, TlsStream
+from .upstream import BackendPool, BackendUnavailable
+
+#: after login: how long both directions may stay silent (RFC 9051 §5.4: >= 30 min)
+RELAY_IDLE_TIMEOUT: Final = 31 * 60.0
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TlsError)
+
+
+@final
+@dataclass
+class ImapService:
+    """Everything the sessions of one IMAP listener share."""
+
+    listener: ListenerConfig
+    pool: BackendPool
+    certs: CertStore | None
+    emitter: Emitter
+    rules: RuleHolder | None = None
+    store: MemoryStore | None = None
+    active: set[trio.CancelScope] = field(default_factory=set)
+    session_config: ImapSessionConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        identity = self.pool.config.client_identity
+        self.session_config = ImapSessionConfig(
+            listener=self.listener.name,
+            client_tls=self.listener.tls,
+            require_tls=self.listener.require_tls,
+            backend_tls=self.pool.config.tls,
+            client_identity=cast(Literal["none", "imap-id", "proxy-v2"], identity)
+            if identity in ("imap-id", "proxy-v2")
+            else "none",
+            max_errors=self.listener.max_errors,
+        )
+
+
+@final
+class _Connection:
+    def __init__(self, service: ImapService, client: trio.SocketStream) -> None:
+        self.service = service
+        self.client: trio.abc.Stream = client
+        self.socket = client.socket
+        self.upstream: trio.abc.Stream | None = None
+        self.id = new_session_id()
+        self.ip, self.port = _peer(client)
+        try:
+            local = client.socket.getsockname()
+            self.local = (str(local[0]).removeprefix("::ffff:"), int(local[1]))
+        except OSError:
+            self.local = ("", 0)
+        self.session = ImapSession(
+            service.session_config,
+            self.ip,
+            self.port,
+            local=self.local,
+            rules=service.rules,
+            session_id=self.id,
+        )
+        self.started = trio.current_time()
+        self.client_in = self.client_out = self.up_in = self.up_out = 0
+        self.backend_address = ""
+
+    def emit(self, cmd: Emit) -> None:
+        fields: dict[str, Any] = {
+            "session.protocol": "imap",
+            "session.listener": self.service.listener.name,
+            "client.ip": self.ip,
+            "client.port": self.port,
+        }
+        fields.update(cmd.fields)
+        self.service.emitter.emit(
+            cmd.action, fields, kind=cmd.kind, outcome=cmd.outcome, session_id=self.id
+        )
+
+    def ended(self) -> bool:
+        return self.session.closed
+
+    async def run(self) -> None:
+        implicit = self.service.listener.tls == "implicit"
+        self.emit(Emit("session.open", {"tls.active": implicit}))
+        store = self.service.store
+        banned = store is not None and await store.banned(self.ip) is not None
+        await self.execute(self.session.start(banned, greet=not implicit))
+        if self.ended():
+            return
+        if implicit:
+            await self.execute([StartClientTls()])
+            if self.ended():
+                return
+        try:
+            self.upstream, address = await self.service.pool.connect(self.proxy_header())
+            self.backend_address = str(address)
+        except BackendUnavailable as exc:
+            await self.execute(self.session.upstream_failed("backend_unavailable"))
+            self.emit(Emit("backend.failure", {"error.message": str(exc)}, outcome="failure"))
+            return
+        except TlsError as exc:
+            await self.execute(self.session.upstream_tls_failed(exc.reason))
+            return
+        except trio.BrokenResourceError:
+            await self.execute(self.session.upstream_failed("backend_closed"))
+            return
+        while not self.ended():
+            match self.session.awaiting:
+                case Awaiting.CLIENT:
+                    await self.execute(await self.read_client())
+                case Awaiting.UPSTREAM:
+                    await self.execute(await self.read_upstream())
+                case Awaiting.NOTHING:
+                    if self.session.relaying:
+                        return  # the relay ran inside execute() and is over
+                    raise AssertionError("session waits on nothing but is not closed")
+
+    def proxy_header(self) -> bytes:
+        if self.service.pool.config.client_identity != "proxy-v2":
+            return b""
+        host, port = self.local if self.local[0] else ("0.0.0.0", 0)  # noqa: S104
+        return encode_v2(ProxyHeader(source=(self.ip, self.port), destination=(host, port)))
+
+    async def read_client(self) -> list[ImapCommand]:
+        try:
+            with trio.move_on_after(self.service.listener.idle_timeout) as scope:
+                data = _as_bytes(await self.client.receive_some(RECEIVE_SIZE))
+        except _BROKEN:
+            data = b""
+        if scope.cancelled_caught:
+            return self.session.timed_out("client")
+        self.client_in += len(data)
+        return self.session.receive_client(data)
+
+    async def read_upstream(self) -> list[ImapCommand]:
+        assert self.upstream is not None
+        try:
+            with trio.move_on_after(self.service.pool.config.command_timeout) as scope:
+                data = _as_bytes(await self.upstream.receive_some(RECEIVE_SIZE))
+        except _BROKEN:
+            return self.session.upstream_failed("backend_closed")
+        if scope.cancelled_caught:
+            return self.session.timed_out("upstream")
+        self.up_in += len(data)
+        return self.session.receive_upstream(data)
+
+    async def execute(self, commands: list[ImapCommand]) -> None:
+        i = 0
+        while i < len(commands):
+            cmd = commands[i]
+            match cmd:
+                case SendToClient() | SendToUpstream():
+                    kind = type(cmd)
+                    parts = [cmd.data]
+                    while i + 1 < len(commands) and type(commands[i + 1]) is kind:
+                        i += 1
+                        nxt = commands[i]
+                        assert isinstance(nxt, SendToClient | SendToUpstream)
+                        parts.append(nxt.data)
+                    data = b"".join(parts)
+                    if kind is SendToClient:
+                        await self.send_client(data)
+                    else:
+                        commands[i + 1 : i + 1] = await self.send_upstream(data)
+                case Emit():
+                    self.emit(cmd)
+                case Close():
+                    pass
+                case StartClientTls():
+                    commands[i + 1 : i + 1] = await self.client_handshake()
+                case StartUpstreamTls():
+                    commands[i + 1 : i + 1] = await self.upstream_handshake()
+                case Delay():
+                    await trio.sleep(min(cmd.seconds, MAX_TARPIT))
+                case BanClient():
+                    await self.ban(cmd)
+                case CheckLogin():
+                    commands[i + 1 : i + 1] = await self.check_login(cmd)
+                case StartRelay():
+                    await self.relay(cmd)
+            i += 1
+
+    async def send_client(self, data: bytes) -> None:
+        try:
+            await self.client.send_all(data)
+            self.client_out += len(data)
+        except _BROKEN:
+            self.session.client_gone()
+
+    async def send_upstream(self, data: bytes) -> list[ImapCommand]:
+        assert self.upstream is not None
+        try:
+            with trio.fail_after(self.service.pool.config.command_timeout):
+                await self.upstream.send_all(data)
+        except _BROKEN:
+            return self.session.upstream_failed("backend_closed")
+        except trio.TooSlowError:
+            return self.session.timed_out("upstream")
+        self.up_out += len(data)
+        return []
+
+    async def client_handshake(self) -> list[ImapCommand]:
+        certs = self.service.certs
+        assert certs is not None
+        tls = TlsStream(self.client, certs.context, server_side=True)
+        try:
+            with trio.fail_after(self.service.listener.tls_handshake_timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            return self.session.client_tls_failed("handshake timeout")
+        except TlsError as exc:
+            return self.session.client_tls_failed(exc.reason)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return self.session.client_tls_failed("connection closed during handshake")
+        self.client = tls
+        return self.session.client_tls_started(tls.version or "", tls.cipher or "", tls.server_name)
+
+    async def upstream_handshake(self) -> list[ImapCommand]:
+        assert self.upstream is not None
+        try:
+            tls = await self.service.pool.start_tls(self.upstream)
+        except TlsError as exc:
+            return self.session.upstream_tls_failed(exc.reason)
+        except trio.BrokenResourceError:
+            return self.session.upstream_tls_failed("connection closed during handshake")
+        self.upstream = tls
+        return self.session.upstream_tls_started(tls.version or "", tls.cipher or "")
+
+    async def ban(self, cmd: BanClient) -> None:
+        store = self.service.store
+        if store is None:
+            return
+        ban = await store.ban(self.ip, cmd.seconds, cmd.reason, cmd.rule_id)
+        self.emit(
+            Emit(
+                "client.ban",
+                {
+                    "ban.seconds": round(store.remaining(ban), 1),
+                    "ban.reason": cmd.reason,
+                    "rule.id": cmd.rule_id,
+                },
+                kind="verdict",
+                outcome="success",
+            )
+        )
+
+    async def check_login(self, cmd: CheckLogin) -> list[ImapCommand]:
+        store = self.service.store
+        if store is None:
+            return self.session.login_checked(0, 0, 0)
+        stats = await store.record_login(self.ip, cmd.user, cmd.success)
+        return self.session.login_checked(
+            stats.failures_ip, stats.failures_user, stats.distinct_users_ip
+        )
+
+    async def relay(self, cmd: StartRelay) -> None:
+        """Copy bytes both ways until one side closes (authenticated session)."""
+        assert self.upstream is not None
+        upstream = self.upstream
+        if cmd.to_upstream and (failed := await self.send_upstream(cmd.to_upstream)):
+            await self.execute(failed)
+            return
+        if cmd.to_client:
+            await self.send_client(cmd.to_client)
+        reason = ["client_closed"]
+        last = [trio.current_time()]
+
+        async def pump(
+            src: trio.abc.Stream, dst: trio.abc.Stream, side: Literal["client", "upstream"]
+        ) -> None:
+            while True:
+                try:
+                    data = await src.receive_some(RECEIVE_SIZE)
+                except _BROKEN:
+                    data = b""
+                if not data:
+                    reason[0] = "client_closed" if side == "client" else "backend_closed"
+                    return
+                last[0] = trio.current_time()
+                try:
+                    await dst.send_all(data)
+                except _BROKEN:
+                    reason[0] = "backend_closed" if side == "client" else "client_gone"
+                    return
+                if side == "client":
+                    self.client_in += len(data)
+                    self.up_out += len(data)
+                else:
+                    self.up_in += len(data)
+                    self.client_out += len(data)
+
+        async def first_done(
+            src: trio.abc.Stream,
+            dst: trio.abc.Stream,
+            side: Literal["client", "upstream"],
+            scope: trio.CancelScope,
+        ) -> None:
+            await pump(src, dst, side)
+            scope.cancel()
+
+        async def watchdog(scope: trio.CancelScope) -> None:
+            while True:
+                idle_for = trio.current_time() - last[0]
+                if idle_for >= RELAY_IDLE_TIMEOUT:
+                    reason[0] = "idle_timeout"
+                    scope.cancel()
+                    return
+                await trio.sleep(RELAY_IDLE_TIMEOUT - idle_for)
+
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            nursery.start_soon(first_done, self.client, upstream, "client", scope)
+            nursery.start_soon(first_done, upstream, self.client, "upstream", scope)
+            nursery.start_soon(watchdog, scope)
+        self.session.relay_ended(reason[0])
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            for stream in (self.upstream, self.client):
+                if stream is not None:
+                    with contextlib.suppress(*_BROKEN):
+                        await stream.aclose()
+
+    def emit_close(self) -> None:
+        s = self.session
+        self.emit(
+            Emit(
+                "session.close",
+                {
+                    "session.close_reason": s.close_reason or "unknown",
+                    "session.duration_ms": round((trio.current_time() - self.started) * 1000, 1),
+                    "client.bytes": self.client_in,
+                    "server.bytes": self.client_out,
+                    "backend.address": self.backend_address,
+                    "backend.bytes_sent": self.up_out,
+                    "backend.bytes_received": self.up_in,
+                    "imap.commands": s.commands,
+                    "auth.user": s.auth_user,
+                    "tls.active": s.tls_active,
+                },
+                outcome="success"
+                if s.close_reason in ("client_logout", "client_closed")
+                else "failure",
+            )
+        )
+
+
+async def serve_imap(service: ImapService, stream: trio.SocketStream) -> None:
+    """Handle one IMAP client connection from accept to close."""
+    conn = _Connection(service, stream)
+    scope = trio.CancelScope()
+    service.active.add(scope)
+    try:
+        with scope:
+            await conn.run()
+        if scope.cancelled_caught and not conn.session.closed:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                if conn.session.relaying:
+                    with contextlib.suppress(*_BROKEN):
+                        await conn.client.send_all(b"* BYE [UNAVAILABLE] Server shutting down\r\n")
+                    conn.session.relay_ended("shutdown")
+                else:
+                    await conn.execute(conn.session.shutdown())
+    except Exception as exc:  # noqa: BLE001 - the per-connection error boundary
+        conn.session.close_reason = "internal_error"
+        conn.emit(
+            Emit(
+                "internal_error",
+                {"error.type": type(exc).__name__, "error.message": str(exc)[:500]},
+                kind="alert",
+                outcome="failure",
+            )
+        )
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(1),
+            contextlib.suppress(*_BROKEN),
+        ):
+            await conn.client.send_all(B_UNAVAILABLE)
+    finally:
+        service.active.discard(scope)
+        await conn.close()
+        with trio.CancelScope(shield=True):
+            try:
+                await conn.execute(conn.session.finish())
+            except Exception as exc:  # noqa: BLE001 - same boundary, after the close
+                conn.emit(
+                    Emit(
+                        "internal_error",
+                        {"error.type": type(exc).__name__, "error.message": str(exc)[:500]},
+                        kind="alert",
+                        outcome="failure",
+                    )
+                )
+        conn.emit_close()
