@@ -263,6 +263,29 @@ def test_console_script_exit_status(tmp_path: Path) -> None:
 def test_shipped_deploy_config_is_valid() -> None:
     """deploy/mailmoat.toml parses and validates (its certificate paths are the admin's)."""
     cfg = load_config(Path(__file__).parent.parent / "deploy" / "mailmoat.toml", check_files=False)
-    assert [lc.name for lc in cfg.listeners] == ["mx", "submission", "submissions"]
+    assert [lc.name for lc in cfg.listeners] == ["mx", "submission", "submissions", "imap", "imaps"]
+    assert cfg.backends["dovecot"].client_identity == "imap-id"
     assert cfg.listeners[0].greet_delay == 2
     assert cfg.backends["postfix-mx"].client_identity == "xclient"
+
+
+def test_imap_listener_and_identity_fit(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
+    text = GOOD + (
+        '\n[[listener]]\nname = "imap"\nprotocol = "imap"\nlisten = "127.0.0.1:143"\n'
+        'tls = "starttls"\nbackend = "postfix"\n'
+    )
+    p = write(
+        tmp_path,
+        text.replace(
+            'address = "127.0.0.1:10587"',
+            'address = "127.0.0.1:10587"\nclient_identity = "xclient"',
+        ),
+        mailmoat_tls,
+    )
+    errs = errors_of(p)
+    assert any(
+        "client_identity = 'xclient', which an imap listener cannot speak" in e for e in errs
+    ), errs
+    ok = write(tmp_path, text, mailmoat_tls)
+    cfg = load_config(ok)
+    assert [lc.protocol for lc in cfg.listeners] == ["smtp", "imap"]
