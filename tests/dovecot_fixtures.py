@@ -24,12 +24,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from mailmoat.demo.dovecot import DovecotInstance, DovecotPorts, dovecot_available
 from mailmoat.demo.postfix import (
+    LmtpPostfixInstance,
     PostfixInstance,
     PostfixPorts,
     find_free_port,
@@ -48,28 +48,6 @@ __all__ = [
 DOVECOT_MISSING = (
     "dovecot is not installed: run .ci/run or apt-get install dovecot-imapd dovecot-lmtpd"
 )
-
-
-class LmtpPostfixInstance(PostfixInstance):
-    """A PostfixInstance whose virtual domain is delivered to Dovecot over LMTP.
-
-    (``virtual_transport = lmtp:unix:<path>`` instead of virtual(8); the
-    recipients are still checked against the instance's vmailbox map.)
-    """
-
-    def __init__(self, root: Path, ports: PostfixPorts, *, lmtp_path: Path, **options: Any):
-        super().__init__(root, ports, **options)
-        self.lmtp_path = Path(lmtp_path).absolute()
-
-    def main_cf(self) -> str:
-        text = super().main_cf()
-        old = "virtual_transport = virtual\n"
-        assert old in text
-        return text.replace(old, f"virtual_transport = lmtp:unix:{self.lmtp_path}\n")
-
-    def master_cf(self) -> str:
-        lmtp = "lmtp      unix  -       -       n       -       -       lmtp\n"
-        return super().master_cf() + lmtp
 
 
 def _require_dovecot() -> None:

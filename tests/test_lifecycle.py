@@ -6,6 +6,7 @@ after drain_timeout), SIGHUP reloads certificates, the demo delivers mail.
 
 from __future__ import annotations
 
+import imaplib
 import json
 import os
 import random
@@ -265,7 +266,7 @@ def _free_base() -> int:
     for _ in range(100):
         base = random.randrange(20000, 40000, 1000)
         ok = True
-        for off in (25, 587, 465, 99):
+        for off in (25, 587, 465, 99, 143, 993):
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", base + off))
@@ -291,12 +292,15 @@ def test_demo_delivers(tmp_path: Path, proc_factory: Any, backend: str) -> None:
     rules_line = next(x for x in proc.lines if x.startswith("Rules:"))
     assert int(rules_line.split()[1]) >= 10, rules_line  # the shipped rule sets are loaded
 
+    # with Dovecot behind Postfix, submission wants SMTP AUTH, as the banner says
+    auth = ["--auth-user", "bob", "--auth-password", "bobpw"] if "--auth-user" in banner else []
     r = subprocess.run(
         [
             "swaks",
             "--server",
             f"127.0.0.1:{base + 587}",
             "-tls",
+            *auth,
             "--to",
             "alice@mailmoat.test",
             "--header",
@@ -324,5 +328,18 @@ def test_demo_delivers(tmp_path: Path, proc_factory: Any, backend: str) -> None:
             time.sleep(0.05)
         assert found
         assert b"Subject: demo-check" in found[0].read_bytes()
+        # with Dovecot there, the same message reads back through mailmoat's IMAP
+        assert any(x.startswith("  imap ") for x in proc.lines)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the demo's self-signed certificate
+        with imaplib.IMAP4("127.0.0.1", base + 143, timeout=20) as imap:
+            assert "LOGINDISABLED" in imap.capabilities
+            imap.starttls(ssl_context=ctx)
+            imap.login("alice", "alicepw")
+            imap.select("INBOX", readonly=True)
+            typ, hits = imap.search(None, "SUBJECT", "demo-check")
+            assert typ == "OK"
+            assert hits[0], hits
     proc.p.send_signal(signal.SIGTERM)
     assert proc.p.wait(20) == 0

@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=10000,
         help="listeners on BASE+25 (smtp), BASE+587 (submission), BASE+465 (smtps),"
+        " BASE+143 (imap), BASE+993 (imaps),"
         " the admin API on BASE+99; default 10000",
     )
     demo.add_argument(

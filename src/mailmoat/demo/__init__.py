@@ -68,6 +68,7 @@ listen = "{host}:{smtps}"
 tls = "implicit"
 backend = "submission"
 
+{imap}
 [[backend]]
 name = "mx"
 address = "127.0.0.1:{mx_port}"
@@ -80,6 +81,29 @@ client_identity = "{identity}"
 """
 
 
+_IMAP = """
+[[listener]]
+name = "imap"
+protocol = "imap"
+listen = "{host}:{imap}"
+tls = "starttls"
+require_tls = true
+backend = "dovecot"
+
+[[listener]]
+name = "imaps"
+protocol = "imap"
+listen = "{host}:{imaps}"
+tls = "implicit"
+backend = "dovecot"
+
+[[backend]]
+name = "dovecot"
+address = "127.0.0.1:{dovecot_port}"
+client_identity = "imap-id"
+"""
+
+
 def shipped_rules_dir() -> Path | None:
     """The rule sets shipped with mailmoat (``rules/`` of the source tree), if present."""
     here = Path(__file__).resolve()
@@ -87,6 +111,23 @@ def shipped_rules_dir() -> Path | None:
         if candidate.is_dir() and any(candidate.glob("*.toml")):
             return candidate
     return None
+
+
+def _imap_banner(node: Node) -> str:
+    b = node.bound
+    if "imap" not in b:
+        return ""
+    imap, imaps = b["imap"][0], b["imaps"][0]
+    return f"""
+  imap         {imap!s:<18} STARTTLS required       -> Dovecot (users alice, bob,
+  imaps        {imaps!s:<18} implicit TLS               carol: password <user>pw)
+
+Read it back over IMAP (mail sent above lands in Dovecot):
+  curl -k --ssl-reqd imap://{imap.host}:{imap.port}/INBOX -u alice:alicepw
+  curl -k "imaps://{imaps.host}:{imaps.port}/INBOX;UID=1" -u alice:alicepw
+  openssl s_client -starttls imap -connect {imap.host}:{imap.port} -quiet
+      (then type: a LOGIN alice alicepw)
+"""
 
 
 def _banner(node: Node, data_dir: Path, backend_desc: str, mail_dir: str) -> str:
@@ -101,6 +142,8 @@ def _banner(node: Node, data_dir: Path, backend_desc: str, mail_dir: str) -> str
     admin = (
         "-" if node.admin_address is None else f"{node.admin_address[0]}:{node.admin_address[1]}"
     )
+    # with Dovecot, Postfix's submission port wants SMTP AUTH (checked by Dovecot)
+    auth = " --auth-user bob --auth-password bobpw" if "imap" in b else ""
     smtp, sub, smtps = (str(b[n][0]) for n in ("smtp", "submission", "smtps"))
     sp, subp, smtpsp = (b[n][0].port for n in ("smtp", "submission", "smtps"))
     host = b["smtp"][0].host
@@ -114,12 +157,12 @@ mailmoat demo is running (node "demo", files in {data_dir})
 
 Try it:
   swaks --server {host}:{sp} --to alice@{DEMO_DOMAIN}
-  swaks --server {host}:{subp} -tls --to bob@{DEMO_DOMAIN}
-  swaks --server {host}:{smtpsp} --tls-on-connect --to carol@{DEMO_DOMAIN}
+  swaks --server {host}:{subp} -tls{auth} --to bob@{DEMO_DOMAIN}
+  swaks --server {host}:{smtpsp} --tls-on-connect{auth} --to carol@{DEMO_DOMAIN}
   python3 -c "import smtplib; s = smtplib.SMTP('{host}', {sp}); s.starttls(); \\
 s.sendmail('me@example.org', ['alice@{DEMO_DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhello'); s.quit()"
   openssl s_client -connect {host}:{smtpsp} -quiet      (then type EHLO me)
-
+{_imap_banner(node)}
 Delivered mail:  {mail_dir}
 Config:          {data_dir / "mailmoat.toml"}  (mailmoat run -c that file does the same)
 Rules:           {rules_desc}
@@ -137,7 +180,9 @@ def run_demo(
     port_base: int = 10000,
     backend: Literal["auto", "postfix", "sink"] = "auto",
 ) -> int:
+    from .dovecot import DovecotError, DovecotInstance, DovecotPorts, dovecot_available
     from .postfix import (
+        LmtpPostfixInstance,
         PostfixError,
         PostfixInstance,
         PostfixPorts,
@@ -153,20 +198,51 @@ def run_demo(
         print("mailmoat demo: Postfix is not installed (apt-get install postfix)", file=sys.stderr)
         return 1
     postfix: PostfixInstance | None = None
+    dovecot: DovecotInstance | None = None
+    if use_postfix and dovecot_available():
+        # Dovecot stores the mail (LMTP from Postfix), checks SMTP AUTH for
+        # Postfix and serves IMAP behind mailmoat
+        droot = Path(tempfile.mkdtemp(prefix="mailmoat-demo-dovecot-"))
+        dovecot = DovecotInstance(droot, DovecotPorts(imap=find_free_port()), domain=DEMO_DOMAIN)
+        try:
+            dovecot.start()
+        except DovecotError as exc:
+            print(f"mailmoat demo: could not start Dovecot ({exc}); IMAP left out", file=sys.stderr)
+            shutil.rmtree(droot, ignore_errors=True)
+            dovecot = None
     if use_postfix:
         ports = PostfixPorts(smtp=find_free_port(), submission=find_free_port())
         # Postfix's daemons (users postfix, nobody) must reach its directory;
         # data_dir may sit under a 0700 home, so the instance lives in /tmp.
         root = Path(tempfile.mkdtemp(prefix="mailmoat-demo-postfix-"))
-        postfix = PostfixInstance(root, ports, domain=DEMO_DOMAIN, cert_file=cert, key_file=key)
+        if dovecot is not None:
+            postfix = LmtpPostfixInstance(
+                root,
+                ports,
+                lmtp_path=dovecot.lmtp_socket_path,
+                domain=DEMO_DOMAIN,
+                users=tuple(dovecot.users),
+                cert_file=cert,
+                key_file=key,
+                sasl_path=str(dovecot.auth_socket_path),
+            )
+        else:
+            postfix = PostfixInstance(root, ports, domain=DEMO_DOMAIN, cert_file=cert, key_file=key)
         try:
             postfix.start()
         except PostfixError as exc:
             print(f"mailmoat demo: could not start Postfix: {exc}", file=sys.stderr)
+            if dovecot is not None:
+                dovecot.stop()
             return 1
         mx_port, sub_port = ports.smtp, ports.submission or ports.smtp
         backend_desc = f"Postfix 127.0.0.1:{mx_port} (submission {sub_port})"
-        mail_dir = str(postfix.maildir("alice").parent) + "/<user>/  (removed when the demo stops)"
+        store = dovecot.maildir("alice").parent.parent if dovecot is not None else None
+        mail_dir = (
+            f"{store}/<user>/Maildir/  (Dovecot; removed when the demo stops)"
+            if store is not None
+            else str(postfix.maildir("alice").parent) + "/<user>/  (removed when the demo stops)"
+        )
     else:
         mx_port = sub_port = find_free_port()
         backend_desc = f"built-in sink 127.0.0.1:{mx_port}"
@@ -196,6 +272,14 @@ def run_demo(
             sub_port=sub_port,
             # the private Postfix trusts XCLIENT from loopback; the sink speaks no XCLIENT
             identity="xclient" if postfix is not None else "none",
+            imap=""
+            if dovecot is None
+            else _IMAP.format(
+                host=host,
+                imap=port_base + 143,
+                imaps=port_base + 993,
+                dovecot_port=dovecot.ports.imap,
+            ),
         ),
         encoding="utf-8",
     )
@@ -231,6 +315,9 @@ def run_demo(
         if postfix is not None:
             postfix.stop()
             shutil.rmtree(postfix.root, ignore_errors=True)
+        if dovecot is not None:
+            dovecot.stop()
+            shutil.rmtree(dovecot.root, ignore_errors=True)
     if failure:
         print(f"mailmoat demo: {failure[0]} (use --port-base to move the demo)", file=sys.stderr)
         return 1

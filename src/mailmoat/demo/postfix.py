@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from mailmoat.errors import MailmoatError
 
@@ -55,6 +56,7 @@ from ._maildir import log_lines, maildir_messages, wait_for_messages
 __all__ = [
     "DAEMON_DIRECTORY",
     "POSTFIX_COMMAND",
+    "LmtpPostfixInstance",
     "PostfixError",
     "PostfixInstance",
     "PostfixPorts",
@@ -673,3 +675,26 @@ def _is_postfix_master(pid: int) -> bool:
     except OSError:
         return True  # no /proc: trust the pid file
     return exe.startswith(str(DAEMON_DIRECTORY / "master"))
+
+
+class LmtpPostfixInstance(PostfixInstance):
+    """A PostfixInstance whose virtual domain is delivered to Dovecot over LMTP.
+
+    (``virtual_transport = lmtp:unix:<path>`` instead of virtual(8); the
+    recipients are still checked against the instance's vmailbox map.)
+    """
+
+    def __init__(self, root: Path, ports: PostfixPorts, *, lmtp_path: Path, **options: Any):
+        super().__init__(root, ports, **options)
+        self.lmtp_path = Path(lmtp_path).absolute()
+
+    def main_cf(self) -> str:
+        text = super().main_cf()
+        old = "virtual_transport = virtual\n"
+        if old not in text:  # pragma: no cover - main_cf() always sets it
+            raise PostfixError("main.cf has no virtual_transport line to replace")
+        return text.replace(old, f"virtual_transport = lmtp:unix:{self.lmtp_path}\n")
+
+    def master_cf(self) -> str:
+        lmtp = "lmtp      unix  -       -       n       -       -       lmtp\n"
+        return super().master_cf() + lmtp
