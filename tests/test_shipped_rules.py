@@ -282,7 +282,7 @@ BOUNDARY_MUTATIONS = [
     ("30-smtp-hygiene.toml", "smtp.errors >= 3", "smtp.errors >= 4"),
     ("30-smtp-hygiene.toml", "smtp.errors >= 3", "smtp.errors >= 2"),
     ("30-smtp-hygiene.toml", '"pregreet", ', ""),
-    ("30-smtp-hygiene.toml", "!smtp.helo.startsWith(\"[\") && ", ""),
+    ("30-smtp-hygiene.toml", '!smtp.helo.startsWith("[") && ', ""),
     ("40-login-abuse.toml", "login.failures_ip >= 10", "login.failures_ip >= 11"),
     ("40-login-abuse.toml", "login.failures_ip >= 10", "login.failures_ip >= 9"),
     ("40-login-abuse.toml", "login.distinct_users_ip >= 20", "login.distinct_users_ip >= 21"),
