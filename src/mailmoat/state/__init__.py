@@ -1,8 +1,40 @@
-"""Shared state: bans and recent login attempts; profiles and Redis come with detection."""
+"""Shared state: bans, windowed counters, distinct counts and profiles (DESIGN.md §7).
 
-from ._memory import Ban as Ban
+``MemoryStore`` serves one node; a Redis store serves several.  Both implement
+:class:`Store`; detectors speak to it in lists of operations (:class:`Count`,
+:class:`Distinct`, ...) so that a Redis store answers a phase in one round trip.
+"""
+
 from ._memory import LoginStats as LoginStats
 from ._memory import MemoryStore as MemoryStore
 from ._memory import normalize_ip as normalize_ip
+from ._ops import MAX_DISTINCT as MAX_DISTINCT
+from ._ops import SLOTS as SLOTS
+from ._ops import Ban as Ban
+from ._ops import Count as Count
+from ._ops import Distinct as Distinct
+from ._ops import DistinctPeek as DistinctPeek
+from ._ops import GetProfile as GetProfile
+from ._ops import Op as Op
+from ._ops import Peek as Peek
+from ._ops import PutProfile as PutProfile
+from ._ops import Store as Store
+from ._ops import StoreUnavailable as StoreUnavailable
 
-__all__ = ["Ban", "LoginStats", "MemoryStore", "normalize_ip"]
+__all__ = [
+    "MAX_DISTINCT",
+    "SLOTS",
+    "Ban",
+    "Count",
+    "Distinct",
+    "DistinctPeek",
+    "GetProfile",
+    "LoginStats",
+    "MemoryStore",
+    "Op",
+    "Peek",
+    "PutProfile",
+    "Store",
+    "StoreUnavailable",
+    "normalize_ip",
+]

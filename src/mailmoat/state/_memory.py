@@ -14,9 +14,22 @@ import heapq
 import ipaddress
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeVar, final
+from typing import Any, Final, TypeVar, final
+
+from ._ops import (
+    MAX_DISTINCT,
+    SLOTS,
+    Ban,
+    Count,
+    Distinct,
+    DistinctPeek,
+    GetProfile,
+    Op,
+    Peek,
+    PutProfile,
+)
 
 V = TypeVar("V")
 
@@ -30,15 +43,6 @@ def normalize_ip(ip: str) -> str:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return str(addr)
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Ban:
-    ip: str
-    until: float  # on the store's clock
-    reason: str
-    rule_id: str | None
 
 
 @final
@@ -57,7 +61,14 @@ _PER_KEY: Final = 512
 
 @final
 class MemoryStore:
-    """Bans with TTL and recent login attempts, bounded in size."""
+    """Bans with TTL, windowed counters, distinct counts and profiles, bounded in size.
+
+    ``max_keys`` bounds the counters, distinct sets and profiles together:
+    the least recently used key goes first (an attack with millions of source
+    addresses evicts old keys instead of growing the process).
+    """
+
+    kind = "memory"
 
     def __init__(
         self,
@@ -65,6 +76,7 @@ class MemoryStore:
         max_bans: int = 100_000,
         max_login_keys: int = 100_000,
         login_window: float = 600.0,
+        max_keys: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._bans: dict[str, Ban] = {}
@@ -76,6 +88,9 @@ class MemoryStore:
         # address -> (time, user, ok); user -> failure times; least recently used first
         self._by_ip: OrderedDict[str, deque[tuple[float, str, bool]]] = OrderedDict()
         self._fail_user: OrderedDict[str, deque[float]] = OrderedDict()
+        self.max_keys = max_keys
+        # (kind, key) -> value, least recently used first
+        self._keys: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     def _expire(self) -> None:
         now = self._clock()
@@ -125,7 +140,7 @@ class MemoryStore:
         horizon = now - self.login_window
         key = normalize_ip(ip)
         user_key = user.casefold()
-        attempts = _touch(self._by_ip, key, self.max_login_keys)
+        attempts = _history(self._by_ip, key, self.max_login_keys)
         attempts.append((now, user_key, success))
         while attempts and attempts[0][0] <= horizon:
             attempts.popleft()
@@ -133,7 +148,7 @@ class MemoryStore:
         if user_key:
             fails = self._fail_user.get(user_key)
             if not success:
-                fails = _touch(self._fail_user, user_key, self.max_login_keys)
+                fails = _history(self._fail_user, user_key, self.max_login_keys)
                 fails.append(now)
             if fails is not None:
                 while fails and fails[0] <= horizon:
@@ -145,8 +160,113 @@ class MemoryStore:
             distinct_users_ip=len({u for _, u, _ in attempts if u}),
         )
 
+    # ------------------------------------------------------------------ Store.run
 
-def _touch(table: OrderedDict[str, deque[V]], key: str, limit: int) -> deque[V]:
+    def __len__(self) -> int:
+        """Counters, distinct sets and profiles held (bans not included)."""
+        return len(self._keys)
+
+    async def run(self, ops: Sequence[Op]) -> list[Any]:
+        now = self._clock()
+        return [self._one(op, now) for op in ops]
+
+    def _touch(self, kind: str, key: str, new: Callable[[], V]) -> V:
+        slot = (kind, key)
+        table = self._keys
+        value = table.get(slot)
+        if value is None:
+            while len(table) >= self.max_keys:
+                table.popitem(last=False)
+            value = table[slot] = new()
+        else:
+            table.move_to_end(slot)
+        return value
+
+    def _one(self, op: Op, now: float) -> Any:
+        match op:
+            case Count(key, window, amount):
+                slots: deque[list[Any]] = self._touch("c", key, deque)
+                _advance(slots, now, window)
+                start = _slot_start(now, window)
+                if slots and slots[-1][0] == start:
+                    slots[-1][1] += amount
+                else:
+                    slots.append([start, amount])
+                return sum(n for _, n in slots)
+            case Peek(key, window):
+                found = self._keys.get(("c", key))
+                if found is None:
+                    return 0
+                _advance(found, now, window)
+                return sum(n for _, n in found)
+            case Distinct(key, member, window):
+                sets: deque[list[Any]] = self._touch("d", key, deque)
+                _advance(sets, now, window)
+                start = _slot_start(now, window)
+                if not sets or sets[-1][0] != start:
+                    sets.append([start, set()])
+                members: set[str] = sets[-1][1]
+                if len(members) < MAX_DISTINCT:
+                    members.add(member)
+                return _distinct(sets)
+            case DistinctPeek(key, window):
+                found = self._keys.get(("d", key))
+                if found is None:
+                    return 0
+                _advance(found, now, window)
+                return _distinct(found)
+            case GetProfile(key):
+                entry = self._keys.get(("p", key))
+                if entry is None:
+                    return None
+                expires, profile = entry
+                if expires <= now:
+                    del self._keys[("p", key)]
+                    return None
+                self._keys.move_to_end(("p", key))
+                return dict(profile)
+            case PutProfile(key, profile, ttl):
+                self._touch("p", key, lambda: (0.0, {}))
+                self._keys[("p", key)] = (now + ttl, dict(profile))
+                return None
+            case _ as unreachable:  # pragma: no cover - Op is closed
+                raise TypeError(f"unknown state operation {unreachable!r}")
+
+    def snapshot(self) -> dict[str, Any]:
+        """A picklable copy of the state, times relative to now (see :meth:`restore`)."""
+        now = self._clock()
+        return {
+            "keys": [
+                [kind, key, _relative(kind, value, now)]
+                for (kind, key), value in self._keys.items()
+            ],
+            "bans": [[b.ip, b.until - now, b.reason, b.rule_id] for b in self._bans.values()],
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> int:
+        """Load what :meth:`snapshot` gave (of another process); the number of keys restored."""
+        now = self._clock()
+        n = 0
+        for kind, name, value in data.get("keys", []):
+            key = str(name)
+            if kind in ("c", "d"):
+                slots = deque([now + start, set(v) if kind == "d" else v] for start, v in value)
+                self._touch(kind, key, deque)
+                self._keys[(kind, key)] = slots
+            elif kind == "p":
+                expires, profile = value
+                if expires > 0:
+                    self._touch("p", key, lambda: (0.0, {}))
+                    self._keys[("p", key)] = (now + expires, dict(profile))
+            n += 1
+        for ip, left, reason, rule_id in data.get("bans", []):
+            if left > 0:
+                self._bans[ip] = Ban(ip, now + left, reason, rule_id)
+                heapq.heappush(self._expiry, (now + left, ip))
+        return n
+
+
+def _history(table: OrderedDict[str, deque[V]], key: str, limit: int) -> deque[V]:
     """The bounded history of ``key``, made most recently used; evicts the least used."""
     entry = table.get(key)
     if entry is None:
@@ -156,3 +276,32 @@ def _touch(table: OrderedDict[str, deque[V]], key: str, limit: int) -> deque[V]:
     else:
         table.move_to_end(key)
     return entry
+
+
+def _slot_start(now: float, window: float) -> float:
+    size = window / SLOTS
+    return (now // size) * size
+
+
+def _advance(slots: deque[list[Any]], now: float, window: float) -> None:
+    horizon = now - window
+    while slots and slots[0][0] <= horizon:
+        slots.popleft()
+
+
+def _distinct(sets: deque[list[Any]]) -> int:
+    if len(sets) == 1:
+        return len(sets[0][1])
+    union: set[str] = set()
+    for _, members in sets:
+        union |= members
+    return min(len(union), MAX_DISTINCT * SLOTS)
+
+
+def _relative(kind: str, value: Any, now: float) -> Any:
+    if kind == "c":
+        return [[start - now, n] for start, n in value]
+    if kind == "d":
+        return [[start - now, sorted(members)] for start, members in value]
+    expires, profile = value
+    return [expires - now, profile]
