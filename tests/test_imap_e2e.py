@@ -480,3 +480,62 @@ ban = "1h"
         return data
 
     assert await run(banned) == b"* BYE [UNAVAILABLE] Your address is blocked for a while\r\n"
+
+
+async def test_spraying_and_a_stale_password_told_apart(
+    dovecot: DovecotInstance, start_node: StartNode, mailmoat_tls: MailmoatTLS, tmp_path: Path
+) -> None:
+    """imaplib LOGIN through mailmoat: one address trying many users is banned;
+    a phone retrying one stale password is only logged."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.toml").write_text(
+        """
+[[rule]]
+id = "I-SPRAY"
+name = "spraying"
+phase = "login"
+when = 'auth.result == "failure" && login.distinct_users_ip >= 3'
+action = "ban"
+ban = "1h"
+
+[[rule]]
+id = "I-STALE"
+name = "stale-password"
+phase = "login"
+when = 'auth.result == "failure" && login.failures_user >= 3 && login.distinct_passwords_user == 1'
+action = "log"
+"""
+    )
+    rn = await start_node(imap_config(dovecot, rules='[rules]\npaths = ["rules/"]\n'))
+    port = rn.port("imap")
+
+    def login(user: str, password: str) -> str:
+        try:
+            imap = SourceIMAP("127.0.0.1", port, timeout=20)
+        except imaplib.IMAP4.error as exc:
+            return f"refused: {exc}"
+        try:
+            imap.starttls(ssl_context=mailmoat_tls.client_context())
+            imap.login(user, password)
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+        except (imaplib.IMAP4.abort, OSError) as exc:
+            return f"aborted: {exc}"
+        finally:
+            imap.shutdown()
+        return "ok"
+
+    for _ in range(3):  # the same stale password, three times: logged, not banned
+        assert "AUTHENTICATIONFAILED" in await run(login, "dave", "stale-pw")
+    stale = rn.events.find("rule.match", rule__id="I-STALE")
+    assert stale[-1]["verdict.evidence"]["login.distinct_passwords_user"] == 1
+    assert rn.events.find("client.ban") == []
+    assert "AUTHENTICATIONFAILED" in await run(login, "erin", "guess-1")
+    result = await run(login, "frank", "guess-2")  # the third distinct user
+    assert "AUTHENTICATIONFAILED" not in result
+    ban = await rn.wait_for("client.ban")
+    assert ban["rule.id"] == "I-SPRAY"
+    banned = await run(login, "alice", "alicepw")  # the ban holds for the next connection
+    assert banned == "refused: b'* BYE [UNAVAILABLE] Your address is blocked for a while'"
+    no_secrets(rn, "stale-pw", "guess-1", "guess-2", "alicepw")

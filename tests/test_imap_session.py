@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailmoat.detect import LoginFacts
 from mailmoat.session.imap import (
     Awaiting,
     ImapCommand,
@@ -97,7 +98,7 @@ def test_starttls_then_login_then_relay() -> None:
     assert ev.action == "auth.attempt"
     assert ev.fields["auth.user"] == "alice"
     assert "secret" not in repr(out)
-    out = s.login_checked(0, 0, 1)
+    out = s.login_checked(LoginFacts(failures_ip=0, failures_user=0, distinct_users_ip=1))
     # after login the backend's list stands (inspection is over), and the
     # command the client pipelined behind LOGIN goes to the relay
     assert to_client(out) == b"a3 OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in\r\n"
@@ -114,7 +115,7 @@ def test_failed_login_stays_in_command_state() -> None:
     assert upstream(out) == b"AGJvYgB3cm9uZw==\r\n"
     out = s.receive_upstream(b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
     assert out[-1] == CheckLogin("bob", False)
-    out = s.login_checked(1, 1, 1)
+    out = s.login_checked(LoginFacts(failures_ip=1, failures_user=1, distinct_users_ip=1))
     assert to_client(out) == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
     assert s.awaiting is Awaiting.CLIENT
     assert not s.relaying

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from mailmoat.detect import LoginFacts
 from mailmoat.session.smtp import (
     Awaiting,
     CheckLogin,
@@ -175,7 +176,7 @@ def test_auth_exchange_is_relayed_and_reported_without_secrets() -> None:
     assert to_client(out) == b""
     assert out[-1] == CheckLogin("alice", True)
     waits = [s.awaiting]
-    out += s.login_checked(0, 0, 0)
+    out += s.login_checked(LoginFacts(failures_ip=0, failures_user=0, distinct_users_ip=0))
     assert to_client(out) == b"235 2.7.0 Authentication successful\r\n"
     waits.append(s.awaiting)
     assert waits == [Awaiting.NOTHING, Awaiting.CLIENT]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mailmoat.detect import LoginFacts
 from mailmoat.policy import RuleHolder
 from mailmoat.session.smtp import (
     BanClient,
@@ -94,7 +95,7 @@ def test_login_reject_after_backend_success_closes(tmp_path: Path) -> None:
     s.receive_client(b"AUTH PLAIN AG1hbGxvcnkAcHc=\r\n")  # \0mallory\0pw
     out = s.receive_upstream(b"235 2.7.0 Authentication successful\r\n")
     assert out[-1] == CheckLogin("mallory", True)
-    out = s.login_checked(1, 0, 1)
+    out = s.login_checked(LoginFacts(failures_ip=1, failures_user=0, distinct_users_ip=1))
     # the backend's session is logged in and cannot be taken back: refuse and close
     assert to_client(out) == b"550 5.7.1 Rejected by policy\r\n"
     assert s.closed
@@ -114,12 +115,12 @@ def test_login_ban_on_failure_counts(tmp_path: Path) -> None:
     )
     s.receive_client(b"AUTH PLAIN AGJvYgB4\r\n")
     s.receive_upstream(b"535 5.7.8 Error: authentication failed\r\n")
-    out = s.login_checked(4, 4, 1)
+    out = s.login_checked(LoginFacts(failures_ip=4, failures_user=4, distinct_users_ip=1))
     assert to_client(out) == b"535 5.7.8 Error: authentication failed\r\n"
     assert not s.closed
     s.receive_client(b"AUTH PLAIN AGJvYgB5\r\n")
     s.receive_upstream(b"535 5.7.8 Error: authentication failed\r\n")
-    out = s.login_checked(5, 5, 1)
+    out = s.login_checked(LoginFacts(failures_ip=5, failures_user=5, distinct_users_ip=1))
     assert to_client(out) == b"554 5.7.1 Access denied\r\n"
     assert BanClient(1800.0, "rule B", "B") in out
     assert s.close_reason == "policy_ban"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import trio
 
 from .admin import AdminConfig, AdminServer, Request, Response
 from .config import Address, Config
+from .detect import LoginDetector
 from .errors import ConfigError, MailmoatError
 from .events import Emitter, EventSink, json_lines_sink
 from .net.imap import ImapService, serve_imap
@@ -167,8 +169,12 @@ async def run_node(
         sinks.append(sink)
     emitter = Emitter(config.node.name, sinks)
     holder = rules if rules is not None else load_rule_holder(config)
-    store = MemoryStore(max_bans=config.state.max_bans, login_window=config.state.login_window)
+    store = MemoryStore(max_bans=config.state.max_bans)
     node = Node(config, emitter, build_certs(config), rules=holder, store=store)
+    detector = LoginDetector(store, window=config.state.login_window)
+    # fingerprints of wrong passwords (distinct passwords per user) use a salt
+    # that never leaves the process
+    salt = os.urandom(16)
     emitter.emit(
         "rules.reload",
         {
@@ -187,10 +193,8 @@ async def run_node(
         pools = {name: BackendPool(b) for name, b in config.backends.items()}
         for lc in config.listeners:
             service: SmtpService | ImapService
-            if lc.protocol == "imap":
-                service = ImapService(lc, pools[lc.backend], node.certs, emitter, holder, store)
-            else:
-                service = SmtpService(lc, pools[lc.backend], node.certs, emitter, holder, store)
+            args = (lc, pools[lc.backend], node.certs, emitter, holder, store, detector, salt)
+            service = ImapService(*args) if lc.protocol == "imap" else SmtpService(*args)
             node.services[lc.name] = service
             opened: list[trio.SocketListener] = []
             for address in lc.listen:

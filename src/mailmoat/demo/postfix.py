@@ -34,6 +34,7 @@ log file and ``syslog_name`` (``postfix-<smtp port>``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import grp
 import os
@@ -95,13 +96,25 @@ def postfix_available() -> bool:
     return True
 
 
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=256)
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that is free right now (the kernel picks it)."""
+    """A TCP port on ``host`` that is free right now (the kernel picks it).
+
+    The kernel may hand out the same port again once the probe socket is
+    closed, so ports returned recently are skipped: several calls in a row
+    (one per listener of an instance) give distinct ports.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
+    raise OSError("no fresh free port found")  # pragma: no cover - needs a port famine
 
 
 @dataclass(frozen=True)

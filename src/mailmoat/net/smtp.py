@@ -19,6 +19,7 @@ from typing import Any, Literal, cast, final
 import trio
 
 from mailmoat.config import ListenerConfig
+from mailmoat.detect import LoginDetector, LoginFacts
 from mailmoat.events import Emitter, new_session_id
 from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
@@ -39,7 +40,7 @@ from mailmoat.session.smtp import (
     StartClientTls,
     StartUpstreamTls,
 )
-from mailmoat.state import MemoryStore
+from mailmoat.state import Store, StoreUnavailable
 
 from .tls import CertStore, TlsError, TlsStream
 from .upstream import BackendPool, BackendUnavailable
@@ -59,7 +60,9 @@ class SmtpService:
     certs: CertStore | None
     emitter: Emitter
     rules: RuleHolder | None = None
-    store: MemoryStore | None = None
+    store: Store | None = None
+    detector: LoginDetector | None = None
+    salt: bytes = b""
     active: set[trio.CancelScope] = field(default_factory=set)
     session_config: SmtpSessionConfig = field(init=False)
 
@@ -289,13 +292,26 @@ class _Connection:
         )
 
     async def check_login(self, cmd: CheckLogin) -> list[SessionCommand]:
-        store = self.service.store
-        if store is None:
-            return self.session.login_checked(0, 0, 0)
-        stats = await store.record_login(self.ip, cmd.user, cmd.success)
-        return self.session.login_checked(
-            stats.failures_ip, stats.failures_user, stats.distinct_users_ip
-        )
+        detector = self.service.detector
+        if detector is None:
+            return self.session.login_checked(LoginFacts())
+        salt = self.service.salt
+        fingerprint = None
+        if cmd.fingerprint is not None and not cmd.success and salt:
+            fingerprint = cmd.fingerprint(salt)
+        try:
+            facts = await detector.record(self.ip, cmd.user, cmd.success, fingerprint)
+        except StoreUnavailable as exc:
+            self.emit(
+                Emit(
+                    "state.unavailable",
+                    {"error.message": str(exc)},
+                    kind="alert",
+                    outcome="failure",
+                )
+            )
+            facts = LoginFacts()
+        return self.session.login_checked(facts)
 
     async def send_client(self, data: bytes) -> None:
         try:

@@ -8,7 +8,7 @@ back into the session; the commands the callback returns run next, in place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
@@ -76,10 +76,18 @@ class BanClient:
 @dataclass(frozen=True, slots=True)
 class CheckLogin:
     """Record a login outcome in the state store, then call the session's
-    ``login_checked`` with the address's and user's recent counts."""
+    ``login_checked`` with the :class:`~mailmoat.detect.LoginFacts`.
+
+    ``fingerprint`` turns the node's salt into the password's fingerprint
+    (distinct wrong passwords per user); the password itself never leaves
+    the session's SASL observer or LOGIN command.
+    """
 
     user: str
     success: bool
+    fingerprint: Callable[[bytes], str | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 SessionCommand = (

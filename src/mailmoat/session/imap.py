@@ -36,9 +36,11 @@ STARTTLS and LOGINDISABLED.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, assert_never, final
 
+from mailmoat.detect.login import LoginFacts, password_fingerprint
 from mailmoat.errors import LocalProtocolError, RemoteProtocolError
 from mailmoat.policy import RuleHolder, Verdict, default_reply
 from mailmoat.protocols.imap import (
@@ -402,17 +404,11 @@ class ImapSession:
             self.state = State.CLOSED
             self.close_reason = reason
 
-    def login_checked(
-        self, failures_ip: int, failures_user: int, distinct_users_ip: int
-    ) -> list[ImapCommand]:
+    def login_checked(self, facts: LoginFacts) -> list[ImapCommand]:
         out: list[ImapCommand] = []
         if self.state is not State.LOGIN:
             return out
-        self.judge.ctx["login"].update(
-            failures_ip=failures_ip,
-            failures_user=failures_user,
-            distinct_users_ip=distinct_users_ip,
-        )
+        self.judge.ctx["login"].update(facts.fields())
         reply, self._login_reply = self._login_reply, b""
         self.state = State.COMMAND
         pending, self._pending = self._pending, None
@@ -628,12 +624,19 @@ class ImapSession:
     ) -> None:
         ok = ev.status == "OK"
         self.authenticated = ok
+        fingerprint: Callable[[bytes], str | None] | None
         if isinstance(pending, Login):
             user = pending.user.decode("utf-8", "replace")[:256]
             mechanism = "LOGIN"
             extra: dict[str, Any] = {}
+            password = pending.password
+
+            def fingerprint(salt: bytes) -> str | None:
+                return password_fingerprint(salt, password.reveal())
+
         else:
             sasl = self._sasl
+            fingerprint = sasl.password_fingerprint if sasl is not None else None
             user = (sasl.user if sasl is not None else None) or ""
             mechanism = pending.mechanism
             extra = {}
@@ -664,7 +667,7 @@ class ImapSession:
             data = self._rewrite(ev, authenticated=ok)
         self._login_reply = data
         self.state = State.LOGIN
-        out.append(CheckLogin(user, ok))
+        out.append(CheckLogin(user, ok, fingerprint))
 
     # ------------------------------------------------------------------ client
 

@@ -42,6 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, assert_never, final
 
+from mailmoat.detect.login import LoginFacts
 from mailmoat.errors import RemoteProtocolError
 from mailmoat.policy import RuleHolder, Verdict, default_reply
 from mailmoat.protocols.sasl import SaslObserver
@@ -566,7 +567,13 @@ class SmtpSession:
                     )
                     self._login_reply = data
                     self.state = State.LOGIN
-                    out.append(CheckLogin(user or "", self.authenticated))
+                    out.append(
+                        CheckLogin(
+                            user or "",
+                            self.authenticated,
+                            sasl.password_fingerprint if sasl is not None else None,
+                        )
+                    )
                     return
             case Pending.DATA:
                 if reply.code == 354:
@@ -1014,18 +1021,12 @@ class SmtpSession:
             text = default_reply("smtp", verdict.action) or "554 5.7.1 Access denied"
         return text.encode("utf-8", "replace") + b"\r\n"
 
-    def login_checked(
-        self, failures_ip: int, failures_user: int, distinct_users_ip: int
-    ) -> list[SessionCommand]:
+    def login_checked(self, facts: LoginFacts) -> list[SessionCommand]:
         """The state store counted this login: run the login phase, then relay the reply."""
         out: list[SessionCommand] = []
         if self.state is not State.LOGIN:
             return out
-        self.judge.ctx["login"].update(
-            failures_ip=failures_ip,
-            failures_user=failures_user,
-            distinct_users_ip=distinct_users_ip,
-        )
+        self.judge.ctx["login"].update(facts.fields())
         self.state = State.RELAY
         reply, self._login_reply = self._login_reply, b""
         if self._apply("login", out):

@@ -5,7 +5,6 @@
 :class:`Distinct`, ...) so that a Redis store answers a phase in one round trip.
 """
 
-from ._memory import LoginStats as LoginStats
 from ._memory import MemoryStore as MemoryStore
 from ._memory import normalize_ip as normalize_ip
 from ._ops import MAX_DISTINCT as MAX_DISTINCT
@@ -29,7 +28,6 @@ __all__ = [
     "Distinct",
     "DistinctPeek",
     "GetProfile",
-    "LoginStats",
     "MemoryStore",
     "Op",
     "Peek",

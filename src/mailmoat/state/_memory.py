@@ -15,8 +15,7 @@ import ipaddress
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar, final
+from typing import Any, TypeVar, final
 
 from ._ops import (
     MAX_DISTINCT,
@@ -46,20 +45,6 @@ def normalize_ip(ip: str) -> str:
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class LoginStats:
-    """Recent logins as the ``login.*`` rule fields see them (the current one included)."""
-
-    failures_ip: int
-    failures_user: int
-    distinct_users_ip: int
-
-
-#: how many recent attempts are kept per address and per user
-_PER_KEY: Final = 512
-
-
-@final
 class MemoryStore:
     """Bans with TTL, windowed counters, distinct counts and profiles, bounded in size.
 
@@ -74,8 +59,6 @@ class MemoryStore:
         self,
         *,
         max_bans: int = 100_000,
-        max_login_keys: int = 100_000,
-        login_window: float = 600.0,
         max_keys: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -83,11 +66,7 @@ class MemoryStore:
         self._expiry: list[tuple[float, str]] = []  # heap of (until, ip), lazily cleaned
         self._clock = clock
         self.max_bans = max_bans
-        self.max_login_keys = max_login_keys
-        self.login_window = login_window
         # address -> (time, user, ok); user -> failure times; least recently used first
-        self._by_ip: OrderedDict[str, deque[tuple[float, str, bool]]] = OrderedDict()
-        self._fail_user: OrderedDict[str, deque[float]] = OrderedDict()
         self.max_keys = max_keys
         # (kind, key) -> value, least recently used first
         self._keys: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -133,32 +112,6 @@ class MemoryStore:
 
     def remaining(self, ban: Ban) -> float:
         return max(0.0, ban.until - self._clock())
-
-    async def record_login(self, ip: str, user: str, success: bool) -> LoginStats:
-        """Record one login attempt; return the counts of the last ``login_window`` seconds."""
-        now = self._clock()
-        horizon = now - self.login_window
-        key = normalize_ip(ip)
-        user_key = user.casefold()
-        attempts = _history(self._by_ip, key, self.max_login_keys)
-        attempts.append((now, user_key, success))
-        while attempts and attempts[0][0] <= horizon:
-            attempts.popleft()
-        failures_user = 0
-        if user_key:
-            fails = self._fail_user.get(user_key)
-            if not success:
-                fails = _history(self._fail_user, user_key, self.max_login_keys)
-                fails.append(now)
-            if fails is not None:
-                while fails and fails[0] <= horizon:
-                    fails.popleft()
-                failures_user = len(fails)
-        return LoginStats(
-            failures_ip=sum(1 for _, _, ok in attempts if not ok),
-            failures_user=failures_user,
-            distinct_users_ip=len({u for _, u, _ in attempts if u}),
-        )
 
     # ------------------------------------------------------------------ Store.run
 
@@ -265,17 +218,6 @@ class MemoryStore:
                 heapq.heappush(self._expiry, (now + left, ip))
         return n
 
-
-def _history(table: OrderedDict[str, deque[V]], key: str, limit: int) -> deque[V]:
-    """The bounded history of ``key``, made most recently used; evicts the least used."""
-    entry = table.get(key)
-    if entry is None:
-        while len(table) >= limit:
-            table.popitem(last=False)
-        entry = table[key] = deque(maxlen=_PER_KEY)
-    else:
-        table.move_to_end(key)
-    return entry
 
 
 def _slot_start(now: float, window: float) -> float:
