@@ -5,6 +5,7 @@
 :class:`Distinct`, ...) so that a Redis store answers a phase in one round trip.
 """
 
+from ._failover import FailoverStore as FailoverStore
 from ._memory import MemoryStore as MemoryStore
 from ._memory import normalize_ip as normalize_ip
 from ._ops import MAX_DISTINCT as MAX_DISTINCT
@@ -27,6 +28,7 @@ __all__ = [
     "Count",
     "Distinct",
     "DistinctPeek",
+    "FailoverStore",
     "GetProfile",
     "MemoryStore",
     "Op",

@@ -219,7 +219,6 @@ class MemoryStore:
         return n
 
 
-
 def _slot_start(now: float, window: float) -> float:
     size = window / SLOTS
     return (now // size) * size
