@@ -115,7 +115,7 @@ def test_require_tls_without_tls_and_reserved_sections(
     p = write(tmp_path, text, mailmoat_tls)
     errs = errors_of(p)
     assert any("require_tls = true needs tls = 'starttls' or 'implicit'" in e for e in errs)
-    assert any("[geoip] is not available in this version" in e for e in errs)
+    assert any("city database" in e and "x.mmdb' does not exist" in e for e in errs)
 
 
 def test_rules_admin_state_sections(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
@@ -157,7 +157,7 @@ def test_rules_admin_state_errors_name_line_and_fix(
         line_of("watch ="): "watch must be a bool",
         line_of('listen = "0.0.0.0'): "listens on loopback only",
         line_of('token_file = "short'): "shorter than 16 characters",
-        line_of('backend = "redis"'): 'use backend = "memory"',
+        line_of('backend = "redis"'): 'backend = "redis" needs url = "redis://',
         line_of("[scoring]"): "[scoring] belongs in a rule file",
     }
     for line, fragment in expected.items():

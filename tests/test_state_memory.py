@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mailmoat.state import MemoryStore, normalize_ip
 
 
@@ -53,3 +55,31 @@ def test_normalize_ip() -> None:
     assert normalize_ip("::ffff:10.0.0.1") == "10.0.0.1"
     assert normalize_ip("2001:DB8::1") == "2001:db8::1"
     assert normalize_ip("not-an-ip") == "not-an-ip"
+
+
+async def test_snapshot_survives_a_restart(tmp_path: Path) -> None:
+    """[state] snapshot: counters, profiles and bans outlive the process (msgpack file)."""
+    from mailmoat.app import restore_snapshot, save_snapshot
+    from mailmoat.events import Emitter, MemorySink
+    from mailmoat.state import Count, GetProfile, PutProfile
+
+    sink = MemorySink()
+    emitter = Emitter("t", [sink])
+    first = MemoryStore()
+    await first.run([Count("login:f:ip:192.0.2.1", 600), PutProfile("u:alice", {"n": 3}, 3600)])
+    await first.ban("192.0.2.66", 3600, "rule X", "X")
+    path = tmp_path / "data" / "state.msgpack"
+    save_snapshot(first, path, emitter)
+    second = MemoryStore()
+    restore_snapshot(second, path, emitter)
+    assert await second.run([Count("login:f:ip:192.0.2.1", 600), GetProfile("u:alice")]) == [
+        2,
+        {"n": 3},
+    ]
+    ban = await second.banned("192.0.2.66")
+    assert ban is not None
+    assert ban.rule_id == "X"
+    assert 3590 < second.remaining(ban) <= 3600
+    path.write_bytes(b"\xc1 not msgpack")
+    restore_snapshot(MemoryStore(), path, emitter)
+    assert sink.find("state.restore", event__outcome="failure")

@@ -19,8 +19,10 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import final
 
+import msgpack
 import trio
 
 from .admin import AdminConfig, AdminServer, Request, Response
@@ -169,7 +171,10 @@ async def run_node(
         sinks.append(sink)
     emitter = Emitter(config.node.name, sinks)
     holder = rules if rules is not None else load_rule_holder(config)
-    store = MemoryStore(max_bans=config.state.max_bans)
+    store = MemoryStore(max_bans=config.state.max_bans, max_keys=config.state.max_keys)
+    snapshot_path = config.node.data_dir / "state.msgpack"
+    if config.state.snapshot:
+        restore_snapshot(store, snapshot_path, emitter)
     node = Node(config, emitter, build_certs(config), rules=holder, store=store)
     detector = LoginDetector(store, window=config.state.login_window)
     # fingerprints of wrong passwords (distinct passwords per user) use a salt
@@ -240,6 +245,8 @@ async def run_node(
     finally:
         for sl in all_listeners:
             sl.socket.close()
+        if config.state.snapshot:
+            save_snapshot(store, snapshot_path, emitter)
         emitter.emit("node.stop", {}, kind="audit", outcome="success")
         close_log()
 
@@ -275,6 +282,52 @@ async def _refuse_busy(stream: trio.SocketStream, message: bytes) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(message)
     await trio.aclose_forcefully(stream)
+
+
+def restore_snapshot(store: MemoryStore, path: Path, emitter: Emitter) -> None:
+    """Counters, profiles and bans of the last run (``[state] snapshot``), if any."""
+    try:
+        data = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
+        keys = store.restore(data)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, TypeError, msgpack.UnpackException) as exc:
+        emitter.emit(
+            "state.restore",
+            {"file.path": str(path), "error.message": f"{type(exc).__name__}: {exc}"},
+            kind="audit",
+            outcome="failure",
+        )
+        return
+    emitter.emit(
+        "state.restore",
+        {"file.path": str(path), "state.keys": keys, "state.bans": len(data.get("bans", []))},
+        kind="audit",
+        outcome="success",
+    )
+
+
+def save_snapshot(store: MemoryStore, path: Path, emitter: Emitter) -> None:
+    """Write the store to ``path`` atomically (a crash leaves the old file or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(msgpack.packb(store.snapshot()))
+        os.replace(tmp, path)
+    except OSError as exc:
+        emitter.emit(
+            "state.snapshot",
+            {"file.path": str(path), "error.message": str(exc)},
+            kind="audit",
+            outcome="failure",
+        )
+        return
+    emitter.emit(
+        "state.snapshot",
+        {"file.path": str(path), "state.keys": len(store)},
+        kind="audit",
+        outcome="success",
+    )
 
 
 def load_rule_holder(config: Config) -> RuleHolder:

@@ -157,11 +157,26 @@ class AdminSectionConfig:
 @final
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    """``[state]``: where bans and login counters live (``memory``: this process)."""
+    """``[state]``: where bans and counters live (``memory``: this process; ``redis``: shared)."""
 
-    backend: Literal["memory"] = "memory"
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = ""
+    on_failure: Literal["open", "closed"] = "open"
+    timeout: float = 0.5
     max_bans: int = 100_000
+    max_keys: int = 200_000
     login_window: float = 600.0
+    v6_prefix: int = 64
+    snapshot: bool = True
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class GeoipConfig:
+    """``[geoip]``: MaxMind databases (City or Country, and ASN); none: geo fields stay empty."""
+
+    city: Path | None = None
+    asn: Path | None = None
 
 
 @final
@@ -176,6 +191,7 @@ class Config:
     rules: RulesConfig = field(default_factory=RulesConfig)
     admin: AdminSectionConfig | None = None
     state: StateConfig = field(default_factory=StateConfig)
+    geoip: GeoipConfig = field(default_factory=GeoipConfig)
 
 
 # --------------------------------------------------------------------------- locating
@@ -586,8 +602,8 @@ def _backend(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> BackendConfig | None:
     )
 
 
-_TOP_KEYS = ("node", "tls", "log", "rules", "state", "admin", "listener", "backend")
-_RESERVED = ("geoip",)
+_TOP_KEYS = ("node", "tls", "log", "rules", "state", "geoip", "admin", "listener", "backend")
+_RESERVED: tuple[str, ...] = ()
 
 
 def parse_config(text: str, path: Path | None = None, *, check_files: bool = True) -> Config:
@@ -630,6 +646,7 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
     log = _log(ctx, _table(ctx, raw, "log"))
     rules = _rules(ctx, _table(ctx, raw, "rules"), check_files=check_files)
     state = _state(ctx, _table(ctx, raw, "state"))
+    geoip = _geoip(ctx, _table(ctx, raw, "geoip"), check_files=check_files)
     admin = _admin(ctx, _table(ctx, raw, "admin"), present="admin" in raw, check_files=check_files)
 
     backends: dict[str, BackendConfig] = {}
@@ -697,7 +714,7 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
                     )
     if ctx.errors:
         raise ConfigErrors(ctx.errors)
-    return Config(path, node, tls, log, tuple(listeners), backends, rules, admin, state)
+    return Config(path, node, tls, log, tuple(listeners), backends, rules, admin, state, geoip)
 
 
 def _loopback(host: str) -> bool:
@@ -740,24 +757,75 @@ def _rules(ctx: _Ctx, raw: Mapping[str, Any], *, check_files: bool) -> RulesConf
 
 
 def _state(ctx: _Ctx, raw: Mapping[str, Any]) -> StateConfig:
-    _check_keys(ctx, raw, ("backend", "max_bans", "login_window"), "state")
+    t = "state"
+    _check_keys(
+        ctx,
+        raw,
+        (
+            "backend",
+            "url",
+            "on_failure",
+            "timeout",
+            "max_bans",
+            "max_keys",
+            "login_window",
+            "v6_prefix",
+            "snapshot",
+        ),
+        t,
+    )
     d = StateConfig()
-    backend = _get(ctx, raw, "backend", str, d.backend, "state")
+    backend = _choice(ctx, raw, "backend", ("memory", "redis"), d.backend, t)
+    url = _get(ctx, raw, "url", str, "", t)
     if backend == "redis":
-        ctx.error(
-            'backend = "redis" is not available in this version of mailmoat; '
-            'use backend = "memory" (one node)',
-            "state",
-            key="backend",
-        )
-    elif backend != "memory":
-        ctx.error(f'backend = {backend!r} is not one of: "memory"', "state", key="backend")
-    max_bans = _get(ctx, raw, "max_bans", int, d.max_bans, "state")
-    if max_bans < 1:
-        ctx.error("max_bans must be at least 1", "state", key="max_bans")
-        max_bans = d.max_bans
-    window = _positive(ctx, raw, "login_window", d.login_window, "state")
-    return StateConfig("memory", int(max_bans), window)
+        if not url:
+            ctx.error('backend = "redis" needs url = "redis://127.0.0.1:6379/0"', t, key="backend")
+        elif not re.match(r"^(redis|rediss|redis\+sentinel|redis\+cluster)://", url):
+            ctx.error(
+                f"url {url!r} is not a Redis URL: use redis://, rediss://, redis+sentinel:// "
+                "or redis+cluster://",
+                t,
+                key="url",
+            )
+    elif url:
+        ctx.error('url is only used with backend = "redis"', t, key="url")
+    on_failure = _choice(ctx, raw, "on_failure", ("open", "closed"), d.on_failure, t)
+    ints = {}
+    for key, low in (("max_bans", 1), ("max_keys", 1000), ("v6_prefix", 32)):
+        value = _get(ctx, raw, key, int, getattr(d, key), t)
+        if value < low or (key == "v6_prefix" and value > 128):
+            limit = "between 32 and 128" if key == "v6_prefix" else f"at least {low}"
+            ctx.error(f"{key} must be {limit}", t, key=key)
+            value = getattr(d, key)
+        ints[key] = int(value)
+    return StateConfig(
+        backend=cast(Literal["memory", "redis"], backend),
+        url=url,
+        on_failure=cast(Literal["open", "closed"], on_failure),
+        timeout=_positive(ctx, raw, "timeout", d.timeout, t),
+        max_bans=ints["max_bans"],
+        max_keys=ints["max_keys"],
+        login_window=_positive(ctx, raw, "login_window", d.login_window, t),
+        v6_prefix=ints["v6_prefix"],
+        snapshot=bool(_get(ctx, raw, "snapshot", bool, d.snapshot, t)),
+    )
+
+
+def _geoip(ctx: _Ctx, raw: Mapping[str, Any], *, check_files: bool) -> GeoipConfig:
+    _check_keys(ctx, raw, ("city", "asn"), "geoip")
+    paths: dict[str, Path | None] = {}
+    for key in ("city", "asn"):
+        value = _get(ctx, raw, key, str, None, "geoip")
+        path = ctx.resolve(value) if value else None
+        if path is not None and check_files and not path.is_file():
+            ctx.error(
+                f"{key} database {str(path)!r} does not exist (a MaxMind .mmdb file, e.g. "
+                f"GeoLite2-{'City' if key == 'city' else 'ASN'}.mmdb)",
+                "geoip",
+                key=key,
+            )
+        paths[key] = path
+    return GeoipConfig(paths["city"], paths["asn"])
 
 
 def _admin(
