@@ -76,6 +76,10 @@ def start_node(nursery: trio.Nursery, tmp_path: Path, mailmoat_tls: MailmoatTLS)
     """Start a node from config text; ``{cert}`` / ``{key}`` are filled in."""
 
     async def start(text: str) -> RunningNode:
+        if "data_dir" not in text:
+            # the node's state snapshot goes to data_dir: never the system's /var/lib/mailmoat
+            text = text.replace("[node]\n", '[node]\ndata_dir = "data"\n', 1)
+        assert "data_dir" in text, "a test config needs a [node] table"
         path = tmp_path / "mailmoat.toml"
         path.write_text(
             text.replace("{cert}", str(mailmoat_tls.cert)).replace("{key}", str(mailmoat_tls.key))

@@ -695,3 +695,105 @@ action = "log"
     assert closes
     assert all(c["session.close_reason"] == "client_quit" for c in closes)
     assert rn.node.rules.current.stats()["T-LOG"] == workers * per_worker
+
+
+async def test_outbound_burst_of_an_authenticated_user(
+    postfix_sasl: PostfixInstance,
+    dovecot: DovecotInstance,
+    start_node: StartNode,
+    rules_dir: Path,
+    mailmoat_tls: MailmoatTLS,
+) -> None:
+    """A user who suddenly mails far more people than usual: alert, and the rule refuses it."""
+    from mailmoat.detect.outbound import Outbound
+
+    rn = await start_with_rules(
+        start_node,
+        rules_dir,
+        """
+[[rule]]
+id = "T-BURST"
+name = "sending-burst"
+phase = "data"
+when = "smtp.user_burst"
+action = "reject"
+reply = { smtp = "550 5.7.1 Unusual sending volume, contact your admin" }
+""",
+        postfix_sasl.ports.submission or postfix_sasl.ports.smtp,
+    )
+    service = rn.node.services["smtp"]
+    service.outbound = Outbound(learning_messages=2, min_burst=5, burst_factor=3)
+    port = rn.port("smtp")
+    users = [f"{u}@{DOMAIN}" for u in ("alice", "carol", "bulk")]
+
+    def submit(rcpts: list[str], subject: str) -> dict[str, tuple[int, bytes]] | int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+            s.starttls(context=mailmoat_tls.client_context())
+            s.login("bob", "bobpw")
+            try:
+                return s.sendmail(f"bob@{DOMAIN}", rcpts, make_message(subject))
+            except smtplib.SMTPDataError as exc:
+                return exc.smtp_code
+
+    for i in range(2):
+        assert await trio.to_thread.run_sync(submit, users[:1], unique(f"normal{i}")) == {}
+    burst_subject = unique("burst")
+    # 12 recipients tried (3 local users, 9 that this Postfix refuses): the rate
+    # counts what the user tried, > 3 x the baseline of 1 and > 5; the message is
+    # refused before its final dot, so nothing is delivered
+    many = users + [f"r{k}@d{k % 4}.example.net" for k in range(9)]
+    assert await trio.to_thread.run_sync(submit, many, burst_subject) == 550
+    alert = await rn.wait_for("smtp.user_burst")
+    assert alert["auth.user"] == "bob"
+    assert alert["smtp.user_rcpt_rate"] >= 12
+    assert alert["smtp.user_domains"] == 5
+    (m,) = matches(rn, "T-BURST")
+    assert m["verdict.evidence"] == {"smtp.user_burst": True}
+    await trio.sleep(0.5)
+    assert not any(burst_subject.encode() in p.read_bytes() for p in dovecot.messages("alice"))
+
+
+async def test_reputation_outlives_a_lifted_ban(
+    postfix: PostfixInstance, start_node: StartNode, rules_dir: Path
+) -> None:
+    rn = await start_with_rules(
+        start_node,
+        rules_dir,
+        """
+[[rule]]
+id = "T-BAN"
+name = "ban-me"
+phase = "helo"
+when = 'smtp.helo == "banme.example"'
+action = "ban"
+ban = "1h"
+
+[[rule]]
+id = "T-REP"
+name = "bad-reputation"
+phase = "connect"
+when = "client.reputation <= -20"
+action = "tarpit"
+tarpit = "100ms"
+""",
+        postfix.ports.smtp,
+    )
+    port = rn.port("smtp")
+
+    def helo(name: str) -> int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+            return s.ehlo(name)[0]
+
+    assert await trio.to_thread.run_sync(helo, "banme.example") == 554
+    await rn.wait_for("client.ban")
+    assert rn.node.admin_address is not None
+    host, aport = rn.node.admin_address
+    status, _ = await trio.to_thread.run_sync(
+        lambda: admin_call(host, aport, TOKEN, "DELETE", "/api/bans/127.0.0.1")
+    )
+    assert status == 200
+    assert await trio.to_thread.run_sync(helo, "fine.example") == 250
+    (m,) = matches(rn, "T-REP")  # the ban is lifted, the memory of it is not
+    evidence = m["verdict.evidence"]
+    assert isinstance(evidence, dict)
+    assert evidence["client.reputation"] <= -20

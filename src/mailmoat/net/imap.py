@@ -20,6 +20,8 @@ import trio
 
 from mailmoat.config import ListenerConfig
 from mailmoat.detect import LoginDetector, LoginFacts
+from mailmoat.detect.outbound import Outbound
+from mailmoat.detect.reputation import Reputation
 from mailmoat.events import Emitter, new_session_id
 from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
@@ -44,7 +46,7 @@ from mailmoat.session.smtp import (
 )
 from mailmoat.state import Store, StoreUnavailable
 
-from .smtp import MAX_TARPIT, RECEIVE_SIZE, _as_bytes, _peer
+from .smtp import MAX_TARPIT, RECEIVE_SIZE, REFUSAL_REASONS, _as_bytes, _peer
 from .tls import CertStore, TlsError, TlsStream
 from .upstream import BackendPool, BackendUnavailable
 
@@ -66,6 +68,8 @@ class ImapService:
     store: Store | None = None
     detector: LoginDetector | None = None
     salt: bytes = b""
+    reputation: Reputation = field(default_factory=Reputation)
+    outbound: Outbound = field(default_factory=Outbound)
     active: set[trio.CancelScope] = field(default_factory=set)
     session_config: ImapSessionConfig = field(init=False)
 
@@ -128,8 +132,22 @@ class _Connection:
         implicit = self.service.listener.tls == "implicit"
         self.emit(Emit("session.open", {"tls.active": implicit}))
         store = self.service.store
-        banned = store is not None and await store.banned(self.ip) is not None
-        await self.execute(self.session.start(banned, greet=not implicit))
+        banned, reputation = False, 0
+        if store is not None:
+            try:
+                banned = await store.banned(self.ip) is not None
+                rep = self.service.reputation
+                reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
+            except StoreUnavailable as exc:
+                self.emit(
+                    Emit(
+                        "state.unavailable",
+                        {"error.message": str(exc)},
+                        kind="alert",
+                        outcome="failure",
+                    )
+                )
+        await self.execute(self.session.start(banned, greet=not implicit, reputation=reputation))
         if self.ended():
             return
         if implicit:
@@ -276,6 +294,7 @@ class _Connection:
         if store is None:
             return
         ban = await store.ban(self.ip, cmd.seconds, cmd.reason, cmd.rule_id)
+        await store.run(self.service.reputation.note(self.ip, "ban"))
         self.emit(
             Emit(
                 "client.ban",
@@ -297,8 +316,11 @@ class _Connection:
         fingerprint = None
         if cmd.fingerprint is not None and not cmd.success and salt:
             fingerprint = cmd.fingerprint(salt)
+        ops = detector.ops(self.ip, cmd.user, cmd.success, fingerprint)
+        if not cmd.success:
+            ops += self.service.reputation.note(self.ip, "failure")
         try:
-            facts = await detector.record(self.ip, cmd.user, cmd.success, fingerprint)
+            facts = detector.facts(await detector.store.run(ops))
         except StoreUnavailable as exc:
             self.emit(
                 Emit(
@@ -372,6 +394,14 @@ class _Connection:
             nursery.start_soon(watchdog, scope)
         self.session.relay_ended(reason[0])
 
+    async def note_refusal(self) -> None:
+        """A session refused for cause lowers its source's reputation."""
+        store = self.service.store
+        if store is None or self.session.close_reason not in REFUSAL_REASONS:
+            return
+        with contextlib.suppress(StoreUnavailable):
+            await store.run(self.service.reputation.note(self.ip, "refusal"))
+
     async def close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             for stream in (self.upstream, self.client):
@@ -440,6 +470,7 @@ async def serve_imap(service: ImapService, stream: trio.SocketStream) -> None:
         await conn.close()
         with trio.CancelScope(shield=True):
             try:
+                await conn.note_refusal()
                 await conn.execute(conn.session.finish())
             except Exception as exc:  # noqa: BLE001 - same boundary, after the close
                 conn.emit(

@@ -20,6 +20,8 @@ import trio
 
 from mailmoat.config import ListenerConfig
 from mailmoat.detect import LoginDetector, LoginFacts
+from mailmoat.detect.outbound import Outbound, OutboundFacts
+from mailmoat.detect.reputation import Reputation
 from mailmoat.events import Emitter, new_session_id
 from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
@@ -29,6 +31,7 @@ from mailmoat.session.smtp import (
     Awaiting,
     BanClient,
     CheckLogin,
+    CheckMessage,
     Close,
     Delay,
     Emit,
@@ -48,6 +51,21 @@ from .upstream import BackendPool, BackendUnavailable
 RECEIVE_SIZE = 65536
 #: a tarpit never holds a session longer than this per command
 MAX_TARPIT = 60.0
+#: how a session ended that lowers its source's reputation
+REFUSAL_REASONS = frozenset(
+    {
+        "policy_deny",
+        "policy_ban",
+        "pregreet",
+        "non_smtp_command",
+        "pipelining_violation",
+        "starttls_injection",
+        "message_smuggling",
+        "message_bare_newline",
+        "too_many_errors",
+        "line_too_long",
+    }
+)
 
 
 @final
@@ -63,6 +81,8 @@ class SmtpService:
     store: Store | None = None
     detector: LoginDetector | None = None
     salt: bytes = b""
+    reputation: Reputation = field(default_factory=Reputation)
+    outbound: Outbound = field(default_factory=Outbound)
     active: set[trio.CancelScope] = field(default_factory=set)
     session_config: SmtpSessionConfig = field(init=False)
 
@@ -141,8 +161,22 @@ class _Connection:
         implicit = self.service.listener.tls == "implicit"
         self.emit(Emit("session.open", {"tls.active": implicit}))
         store = self.service.store
-        banned = store is not None and await store.banned(self.ip) is not None
-        await self.execute(self.session.start(banned, greet=not implicit))
+        banned, reputation = False, 0
+        if store is not None:
+            try:
+                banned = await store.banned(self.ip) is not None
+                rep = self.service.reputation
+                reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
+            except StoreUnavailable as exc:
+                self.emit(
+                    Emit(
+                        "state.unavailable",
+                        {"error.message": str(exc)},
+                        kind="alert",
+                        outcome="failure",
+                    )
+                )
+        await self.execute(self.session.start(banned, greet=not implicit, reputation=reputation))
         if self.ended():
             return
         if implicit:
@@ -271,6 +305,8 @@ class _Connection:
                     await self.ban(cmd)
                 case CheckLogin():
                     commands[i + 1 : i + 1] = await self.check_login(cmd)
+                case CheckMessage():
+                    commands[i + 1 : i + 1] = await self.check_message(cmd)
             i += 1
 
     async def ban(self, cmd: BanClient) -> None:
@@ -278,6 +314,7 @@ class _Connection:
         if store is None:
             return
         ban = await store.ban(self.ip, cmd.seconds, cmd.reason, cmd.rule_id)
+        await store.run(self.service.reputation.note(self.ip, "ban"))
         self.emit(
             Emit(
                 "client.ban",
@@ -299,8 +336,11 @@ class _Connection:
         fingerprint = None
         if cmd.fingerprint is not None and not cmd.success and salt:
             fingerprint = cmd.fingerprint(salt)
+        ops = detector.ops(self.ip, cmd.user, cmd.success, fingerprint)
+        if not cmd.success:
+            ops += self.service.reputation.note(self.ip, "failure")
         try:
-            facts = await detector.record(self.ip, cmd.user, cmd.success, fingerprint)
+            facts = detector.facts(await detector.store.run(ops))
         except StoreUnavailable as exc:
             self.emit(
                 Emit(
@@ -358,6 +398,36 @@ class _Connection:
             return self.session.upstream_tls_failed("connection closed during handshake")
         self.upstream = tls
         return self.session.upstream_tls_started(tls.version or "", tls.cipher or "")
+
+    async def check_message(self, cmd: CheckMessage) -> list[SessionCommand]:
+        store = self.service.store
+        if store is None:
+            return self.session.message_checked(OutboundFacts())
+        outbound = self.service.outbound
+        recipients = list(cmd.recipients)
+        try:
+            results = await store.run(outbound.ops(cmd.user, recipients, cmd.count))
+            facts, profile = outbound.assess(results)
+            await store.run(outbound.save(cmd.user, profile))
+        except StoreUnavailable as exc:
+            self.emit(
+                Emit(
+                    "state.unavailable",
+                    {"error.message": str(exc)},
+                    kind="alert",
+                    outcome="failure",
+                )
+            )
+            facts = OutboundFacts()
+        return self.session.message_checked(facts)
+
+    async def note_refusal(self) -> None:
+        """A session refused for cause lowers its source's reputation."""
+        store = self.service.store
+        if store is None or self.session.close_reason not in REFUSAL_REASONS:
+            return
+        with contextlib.suppress(StoreUnavailable):
+            await store.run(self.service.reputation.note(self.ip, "refusal"))
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -425,6 +495,7 @@ async def serve_smtp(service: SmtpService, stream: trio.SocketStream) -> None:
         await conn.close()
         with trio.CancelScope(shield=True):
             try:
+                await conn.note_refusal()
                 await conn.execute(conn.session.finish())
             except Exception as exc:  # noqa: BLE001 - same boundary, after the close
                 conn.emit(

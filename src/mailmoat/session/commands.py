@@ -90,6 +90,17 @@ class CheckLogin:
     )
 
 
+@final
+@dataclass(frozen=True, slots=True)
+class CheckMessage:
+    """An authenticated user's message is complete (its final dot held back):
+    count it in the state store, then call the session's ``message_checked``."""
+
+    user: str
+    recipients: tuple[str, ...]
+    count: int
+
+
 SessionCommand = (
     SendToClient
     | SendToUpstream
@@ -100,4 +111,5 @@ SessionCommand = (
     | Delay
     | BanClient
     | CheckLogin
+    | CheckMessage
 )

@@ -273,10 +273,12 @@ class ImapSession:
 
     # ------------------------------------------------------------------ inputs
 
-    def start(self, banned: bool = False, *, greet: bool = True) -> list[ImapCommand]:
+    def start(
+        self, banned: bool = False, *, greet: bool = True, reputation: int = 0
+    ) -> list[ImapCommand]:
         """The connect phase (see SmtpSession.start)."""
         out: list[ImapCommand] = []
-        self.judge.ctx["client"]["banned"] = banned
+        self.judge.ctx["client"].update(banned=banned, reputation=reputation)
         if self._apply("connect", out, greet=greet) or self.judge.trusted or not banned:
             return out
         detect = self.judge.holder is not None and self.judge.holder.mode == "detect"

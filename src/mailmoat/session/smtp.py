@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, assert_never, final
 
 from mailmoat.detect.login import LoginFacts
+from mailmoat.detect.outbound import OutboundFacts
 from mailmoat.errors import RemoteProtocolError
 from mailmoat.policy import RuleHolder, Verdict, default_reply
 from mailmoat.protocols.sasl import SaslObserver
@@ -74,6 +75,7 @@ from ._policy import SESSION_PHASES, Judge
 from .commands import (
     BanClient,
     CheckLogin,
+    CheckMessage,
     Close,
     Delay,
     Emit,
@@ -88,6 +90,7 @@ from .commands import (
 __all__ = [
     "BanClient",
     "CheckLogin",
+    "CheckMessage",
     "Close",
     "Delay",
     "Emit",
@@ -113,6 +116,7 @@ class State(enum.Enum):
     UP_STARTTLS = "up_starttls"
     UP_TLS = "up_tls"  # backend handshake running
     LOGIN = "login"  # the backend answered AUTH; the state store is being asked
+    MESSAGE = "message"  # an authenticated user's message is being counted
     COMMAND = "command"  # waiting for the client
     RELAY = "relay"  # replies in flight from the backend
     CLIENT_TLS = "client_tls"  # client handshake running
@@ -241,6 +245,7 @@ class SmtpSession:
         self._smtp = self.judge.ctx["smtp"]
         self._close_when_flushed: str | None = None
         self._login_reply = b""
+        self._held_end: EndOfData | None = None
         self.client_ip = client_ip
         self.client_port = client_port
         self.state = State.UP_GREETING
@@ -280,7 +285,7 @@ class SmtpSession:
                 return Awaiting.UPSTREAM
             case State.COMMAND | State.DATA:
                 return Awaiting.CLIENT
-            case State.UP_TLS | State.CLIENT_TLS | State.LOGIN | State.CLOSED:
+            case State.UP_TLS | State.CLIENT_TLS | State.LOGIN | State.MESSAGE | State.CLOSED:
                 return Awaiting.NOTHING
             case _ as unreachable:
                 assert_never(unreachable)
@@ -920,6 +925,46 @@ class SmtpSession:
                 out, action.replace("smtp.message_", "message_").replace("smtp.", "message_")
             )
             return
+        if self.authenticated and self.auth_user:
+            # the outbound detector needs the state store first (async)
+            self._held_end = end
+            self.state = State.MESSAGE
+            smtp = self._smtp
+            out.append(
+                CheckMessage(
+                    self.auth_user,
+                    tuple(smtp.get("rcpt_to", ())),
+                    int(smtp.get("rcpt_count", 0)),
+                )
+            )
+            return
+        self._finish_message(end, out)
+
+    def message_checked(self, facts: OutboundFacts) -> list[SessionCommand]:
+        """The state store counted this message: the data phase, then the final dot."""
+        out: list[SessionCommand] = []
+        end, self._held_end = self._held_end, None
+        if self.state is not State.MESSAGE or end is None:
+            return out
+        self._smtp.update(facts.fields())
+        if facts.burst:
+            out.append(
+                Emit(
+                    "smtp.user_burst",
+                    {
+                        "auth.user": self.auth_user,
+                        "smtp.user_rcpt_rate": facts.rcpt_rate,
+                        "smtp.user_domains": facts.domains,
+                        "smtp.user_baseline": round(facts.baseline, 1),
+                    },
+                    kind="alert",
+                    outcome="unknown",
+                )
+            )
+        self._finish_message(end, out)
+        return out
+
+    def _finish_message(self, end: EndOfData, out: list[SessionCommand]) -> None:
         if self.judge.has("data"):
             stats = self._data_stats
             self._smtp["data"] = {
@@ -943,7 +988,9 @@ class SmtpSession:
 
     # ------------------------------------------------------------------ policy
 
-    def start(self, banned: bool = False, *, greet: bool = True) -> list[SessionCommand]:
+    def start(
+        self, banned: bool = False, *, greet: bool = True, reputation: int = 0
+    ) -> list[SessionCommand]:
         """The connect phase, before anything is said: rules, then the ban list.
 
         An ``allow`` here trusts the session (no later rule and no ban check
@@ -952,7 +999,7 @@ class SmtpSession:
         be said before the handshake) and the session ends.
         """
         out: list[SessionCommand] = []
-        self.judge.ctx["client"]["banned"] = banned
+        self.judge.ctx["client"].update(banned=banned, reputation=reputation)
         if self._apply("connect", out, greet=greet) or self.judge.trusted or not banned:
             return out
         detect = self.judge.holder is not None and self.judge.holder.mode == "detect"
