@@ -16,13 +16,24 @@ Sections (``--only NAME[,NAME]``; ``--list`` shows them):
   sessions/s and mailmoat CPU ms per session of each, and the cost against no
   rules (``1 - sessions_x/sessions_none``, ``cpu_x/cpu_none - 1``) against the
   goals (shipped < 10 %, 1000 rules < 25 %).  Exit status 1 if any run failed.
+* ``imap`` -- a private Dovecot (``mailmoat.demo.dovecot``, plaintext IMAP)
+  directly, through HAProxy (TCP mode) and through mailmoat (``tls = "none"``,
+  backend ``client_identity = "imap-id"``), loaded by ``bench/imap_load.py``:
+  logins/s (greeting, LOGIN, LOGOUT; 2000 sessions at concurrency 20) and
+  FETCH MiB/s (LOGIN, SELECT, ``UID FETCH 1:* BODY.PEEK[]`` of 4 x 8 MiB,
+  LOGOUT; 64 sessions at concurrency 6).  Every login must be tagged OK and
+  every FETCH return every byte (sizes and end markers checked), else exit
+  status 1.  Prints the CPU per login / per MiB of the measured process (all
+  of Dovecot's processes for the direct row, the proxy otherwise) and of
+  Dovecot, then the mailmoat/HAProxy ratios against the goals (logins/s
+  >= 0.7, FETCH MiB/s >= 0.8).
 
 Every process this script starts runs on 127.0.0.1, is bounded (fixed message
 counts, ``timeout`` on every client run) and is stopped in a ``finally``
 (SIGTERM, then SIGKILL), also on Ctrl-C.  Results go to
 ``$BENCH_OUT/<section>-latest.json`` (default ``/tmp/mailmoat-bench``).
 
-A later section (IMAP logins/s, HTTP with wrk) is one more
+A later section (HTTP with wrk) is one more
 function ``section_x(ctx) -> dict`` registered in :data:`SECTIONS`, using
 :class:`Stack` to start and stop its peers.
 
@@ -30,6 +41,7 @@ function ``section_x(ctx) -> dict`` registered in :data:`SECTIONS`, using
     python bench/run.py --only smtp --repeats 1 --small-msgs 1000 --large-msgs 50
     python bench/run.py --conc1              # add concurrency-1 rows
     python bench/run.py --only rules         # rule cost; --rules-msgs 2000 --rules-repeats 5
+    python bench/run.py --only imap          # --imap-logins 2000 --imap-fetches 24 ...
 """
 
 from __future__ import annotations
@@ -280,6 +292,13 @@ class Options:
     profile_seconds: int
     rules_msgs: int
     rules_repeats: int
+    imap_logins: int
+    imap_login_conc: int
+    imap_fetches: int
+    imap_fetch_conc: int
+    imap_msgs: int
+    imap_msg_mib: int
+    imap_identity: str
 
 
 @dataclass
@@ -1061,11 +1080,555 @@ def section_rules(ctx: Context) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- IMAP
+
+# goals: mailmoat / HAProxy (see docs/benchmarks.md)
+GOAL_IMAP_LOGINS = 0.7
+GOAL_IMAP_FETCH = 0.8
+IMAP_LOGIN_USERS = ("alice", "bob", "carol")  # rotated over the login sessions
+IMAP_FETCH_USER = "bulk"  # its INBOX holds the big messages
+IMAP_MARKER = "mailmoat-bench-end"  # last line of message n: "<marker> <n>"
+IMAP_LOAD = REPO / "bench" / "imap_load.py"
+
+
+@dataclass
+class ImapTarget:
+    name: str
+    port: int
+    measured: str  # whose CPU is charged per login / MiB
+    cpu: Callable[[], float]
+
+
+@dataclass
+class ImapRun:
+    target: str
+    kind: str  # "login" or "fetch"
+    repeat: int
+    sessions: int
+    ok: bool
+    elapsed_s: float
+    rate: float  # logins/s or MiB/s
+    mib: float
+    cpu_ms_per_op: float  # per login or per MiB, of the measured process
+    dovecot_cpu_ms_per_op: float
+    client_cpu_s: float
+    error: str = ""
+
+
+@dataclass
+class ImapRow:
+    target: str
+    measured: str
+    login_runs_ok: int
+    login_runs: int
+    fetch_runs_ok: int
+    fetch_runs: int
+    logins_per_s: float | None
+    cpu_ms_per_login: float | None
+    dovecot_ms_per_login: float | None
+    fetch_mib_per_s: float | None
+    cpu_ms_per_mib: float | None
+    dovecot_ms_per_mib: float | None
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every process in group ``pgid``, plus the leader's reaped children.
+
+    Dovecot is many processes (master, imap-login, auth, imap, log, ...); an
+    ``imap`` process exits after ``service_count`` clients and its time then
+    moves into the master's cutime/cstime, so the sum stays continuous.
+    """
+    ticks = 0
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", encoding="ascii") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) != pgid:  # pgrp (stat field 5)
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+            if int(entry.name) == pgid:
+                ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / CLK_TCK
+
+
+def imap_haproxy_config(host: str, port: int, dovecot_port: int) -> str:
+    return f"""\
+# written by bench/run.py: one TCP frontend -> Dovecot's imap listener
+global
+    maxconn 4000
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client  120s
+    timeout server  120s
+
+frontend imap_in
+    bind {host}:{port}
+    default_backend dovecot
+
+backend dovecot
+    server dovecot {host}:{dovecot_port}
+"""
+
+
+def imap_mailmoat_config(
+    host: str, port: int, backend_port: int, data_dir: Path, identity: str
+) -> str:
+    return f"""\
+# written by bench/run.py
+[node]
+name = "bench"
+data_dir = "{data_dir}"
+drain_timeout = 2
+
+[log]
+events = "none"
+
+[[listener]]
+name = "bench-imap"
+protocol = "imap"
+listen = "{host}:{port}"
+tls = "none"
+backend = "dovecot"
+
+[[backend]]
+name = "dovecot"
+address = "{host}:{backend_port}"
+tls = "none"
+client_identity = "{identity}"
+"""
+
+
+def imap_message(n: int, size: int) -> bytes:
+    """Message ``n`` of about ``size`` bytes: base64-looking lines, ends with the marker."""
+    head = (
+        f"From: Bench <bench@mailmoat.test>\r\n"
+        f"To: {IMAP_FETCH_USER}@mailmoat.test\r\n"
+        f"Subject: bench message {n}\r\n"
+        f"Message-ID: <bench-{n}@mailmoat.test>\r\n"
+        f"Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f"Content-Type: application/octet-stream\r\n"
+        f"Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    rng = secrets.SystemRandom()
+    # 64 distinct 76-char lines, repeated: cheap to build, not one repeated line
+    lines = [bytes(rng.choice(alphabet) for _ in range(76)) + b"\r\n" for _ in range(64)]
+    block = b"".join(lines)
+    body = block * max(1, (size - len(head)) // len(block))
+    return head + body + f"{IMAP_MARKER} {n}\r\n".encode()
+
+
+def imap_fetch_sizes(host: str, port: int, user: str, password: str) -> list[int]:
+    """RFC822.SIZE of every message in ``user``'s INBOX, straight from Dovecot."""
+    import imaplib
+
+    try:
+        with imaplib.IMAP4(require_loopback(host), port, timeout=30) as imap:
+            imap.login(user, password)
+            status, data = imap.select("INBOX", readonly=True)
+            if status != "OK":
+                raise BenchError(f"SELECT INBOX of {user}: {data!r}")
+            status, data = imap.uid("FETCH", "1:*", "(RFC822.SIZE)")
+            if status != "OK":
+                raise BenchError(f"FETCH RFC822.SIZE of {user}: {data!r}")
+            imap.logout()
+    except (OSError, imaplib.IMAP4.error) as exc:
+        raise BenchError(f"probing Dovecot on :{port}: {exc}") from None
+    sizes = []
+    for item in data:
+        m = re.search(rb"RFC822\.SIZE (\d+)", item if isinstance(item, bytes) else b"")
+        if m:
+            sizes.append(int(m.group(1)))
+    return sizes
+
+
+def imap_load_argv(
+    ctx: Context, kind: str, port: int, count: int, conc: int, expect: tuple[int, int]
+) -> list[str]:
+    users = {
+        "login": [f"{u}:{u}pw" for u in IMAP_LOGIN_USERS],
+        "fetch": [f"{IMAP_FETCH_USER}:{IMAP_FETCH_USER}pw"],
+    }[kind]
+    argv = [
+        sys.executable,
+        str(IMAP_LOAD),
+        kind,
+        "--host",
+        require_loopback(ctx.opts.host),
+        "--port",
+        str(port),
+        "--users",
+        ",".join(users),
+        "--count",
+        str(count),
+        "--conc",
+        str(conc),
+        "--session-timeout",
+        str(min(60, ctx.opts.run_timeout)),
+    ]
+    if kind == "fetch":
+        argv += ["--expect-msgs", str(expect[0]), "--expect-bytes", str(expect[1])]
+        argv += ["--marker", IMAP_MARKER]
+    return argv
+
+
+def parse_load_output(out: str) -> dict[str, Any] | None:
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                doc: dict[str, Any] = json.loads(line)
+                return doc
+    return None
+
+
+def measure_imap(
+    ctx: Context,
+    target: ImapTarget,
+    dovecot_cpu: Callable[[], float],
+    kind: str,
+    repeat: int,
+    expect: tuple[int, int],
+) -> ImapRun:
+    opts = ctx.opts
+    count, conc = (
+        (opts.imap_logins, opts.imap_login_conc)
+        if kind == "login"
+        else (opts.imap_fetches, opts.imap_fetch_conc)
+    )
+    argv = imap_load_argv(ctx, kind, target.port, count, conc, expect)
+    cpu0, dv0 = target.cpu(), dovecot_cpu()
+    status, wall, client_cpu, out = run_bounded(argv, opts.run_timeout)
+    cpu, dv = target.cpu() - cpu0, dovecot_cpu() - dv0
+    doc = parse_load_output(out)
+    error = ""
+    if doc is None:
+        error = f"rc={status}, no result: {' '.join(out.split())[:300]}"
+    elif status != 0 or doc.get("failed") or doc.get("ok") != count:
+        error = (
+            f"rc={status}: {doc.get('ok')}/{count} sessions ok, {doc.get('failed')} failed"
+            f" {doc.get('error_kinds')}: {'; '.join(doc.get('errors', [])[:3])}"
+        )
+    elif kind == "fetch" and doc.get("bytes") != count * expect[1]:
+        error = f"fetched {doc.get('bytes')} bytes, expected {count * expect[1]}"
+    elapsed = float(doc["elapsed_s"]) if doc and doc.get("elapsed_s") else wall
+    mib = (doc or {}).get("bytes", 0) / MB
+    per = count if kind == "login" else max(mib, 1e-9)
+    return ImapRun(
+        target=target.name,
+        kind=kind,
+        repeat=repeat,
+        sessions=count,
+        ok=not error,
+        elapsed_s=round(elapsed, 3),
+        rate=round(count / elapsed if kind == "login" else mib / elapsed, 2),
+        mib=round(mib, 1),
+        cpu_ms_per_op=round(cpu * 1000 / per, 4),
+        dovecot_cpu_ms_per_op=round(dv * 1000 / per, 4),
+        client_cpu_s=round(client_cpu, 2),
+        error=error,
+    )
+
+
+def summarize_imap(targets: list[ImapTarget], runs: list[ImapRun]) -> list[ImapRow]:
+    rows = []
+    for t in targets:
+        login = [r for r in runs if r.target == t.name and r.kind == "login"]
+        fetch = [r for r in runs if r.target == t.name and r.kind == "fetch"]
+        lok = [r for r in login if r.ok]
+        fok = [r for r in fetch if r.ok]
+        rows.append(
+            ImapRow(
+                target=t.name,
+                measured=t.measured,
+                login_runs_ok=len(lok),
+                login_runs=len(login),
+                fetch_runs_ok=len(fok),
+                fetch_runs=len(fetch),
+                logins_per_s=median([r.rate for r in lok]),
+                cpu_ms_per_login=median([r.cpu_ms_per_op for r in lok]),
+                dovecot_ms_per_login=median([r.dovecot_cpu_ms_per_op for r in lok]),
+                fetch_mib_per_s=median([r.rate for r in fok]),
+                cpu_ms_per_mib=median([r.cpu_ms_per_op for r in fok]),
+                dovecot_ms_per_mib=median([r.dovecot_cpu_ms_per_op for r in fok]),
+            )
+        )
+    return rows
+
+
+def imap_ratios(rows: list[ImapRow]) -> list[dict[str, Any]]:
+    by = {r.target: r for r in rows}
+    mm, ha = by["mailmoat"], by["haproxy"]
+
+    def q(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    out: list[dict[str, Any]] = []
+    for metric, attr, goal in (
+        ("logins/s", "logins_per_s", GOAL_IMAP_LOGINS),
+        ("FETCH MiB/s", "fetch_mib_per_s", GOAL_IMAP_FETCH),
+    ):
+        r = q(getattr(mm, attr), getattr(ha, attr))
+        out.append({"metric": metric, "ratio": r, "goal": goal, "met": r is not None and r >= goal})
+    for metric, attr in (
+        ("CPU per login", "cpu_ms_per_login"),
+        ("CPU per MiB", "cpu_ms_per_mib"),
+    ):
+        out.append({"metric": metric, "ratio": q(getattr(mm, attr), getattr(ha, attr))})
+    return out
+
+
+def print_imap_table(rows: list[ImapRow], ratios: list[dict[str, Any]], header: str) -> None:
+    print(header)
+    head = (
+        "target",
+        "ok",
+        "logins/s",
+        "CPU ms/login",
+        "dovecot ms/login",
+        "FETCH MiB/s",
+        "CPU ms/MiB",
+        "dovecot ms/MiB",
+        "CPU of",
+    )
+    table = [head]
+    for r in rows:
+        table.append(
+            (
+                r.target,
+                f"{r.login_runs_ok + r.fetch_runs_ok}/{r.login_runs + r.fetch_runs}",
+                fmt(r.logins_per_s, 0),
+                fmt(r.cpu_ms_per_login, 3),
+                fmt(r.dovecot_ms_per_login, 3),
+                fmt(r.fetch_mib_per_s, 1),
+                fmt(r.cpu_ms_per_mib, 3),
+                fmt(r.dovecot_ms_per_mib, 3),
+                r.measured,
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+    for n, line in enumerate(table):
+        cells = zip(line, widths, strict=True)
+        print(
+            "  ".join(
+                c.ljust(w) if i in (0, 8) else c.rjust(w) for i, (c, w) in enumerate(cells)
+            ).rstrip()
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    for q in ratios:
+        if "goal" in q:
+            verdict = "n/a" if q["ratio"] is None else ("MET" if q["met"] else "NOT met")
+            print(
+                f"mailmoat/haproxy {q['metric']}: {fmt(q['ratio'], 2)}"
+                f"  goal >= {q['goal']}  {verdict}"
+            )
+        else:
+            print(f"mailmoat/haproxy {q['metric']}: {fmt(q['ratio'], 1)}x")
+
+
+def section_imap(ctx: Context) -> dict[str, Any]:
+    """IMAP: logins/s and FETCH MiB/s, Dovecot direct / HAProxy TCP / mailmoat."""
+    opts = ctx.opts
+    bins = find_binaries(["haproxy", "timeout"])
+    if str(opts.src) not in sys.path:
+        sys.path.insert(0, str(opts.src))
+    try:
+        from mailmoat.demo.dovecot import DovecotError, DovecotInstance, DovecotPorts
+        from mailmoat.demo.dovecot import dovecot_available as have_dovecot
+    except ImportError as exc:
+        raise BenchError(f"cannot import mailmoat.demo.dovecot from {opts.src}: {exc}") from None
+    if not have_dovecot():
+        raise BenchError(
+            "missing dovecot: install with "
+            "`apt-get install dovecot-core dovecot-imapd dovecot-lmtpd`"
+        )
+    if os.geteuid() != 0:
+        raise BenchError("the imap section needs root (the private Dovecot runs as user dovecot)")
+    host = opts.host
+    # the dovecot user must reach its root below the (mode 0700) work dir
+    os.chmod(ctx.workdir, 0o711)
+    dv_imap, dv_proxy = free_port(host), free_port(host)
+    dovecot = DovecotInstance(
+        ctx.workdir / "dovecot",
+        DovecotPorts(imap=dv_imap, proxy_imap=dv_proxy),
+        host=host,
+    )
+    runs: list[ImapRun] = []
+    problems: list[str] = []
+    setup: dict[str, Any] = {}
+    try:
+        with Stack(ctx.workdir) as stack:
+            try:
+                dovecot.start()
+            except DovecotError as exc:
+                raise BenchError(f"dovecot did not start: {exc}") from None
+            pgid = dovecot.master_pid
+            assert pgid is not None
+
+            def dovecot_cpu() -> float:
+                return group_cpu_seconds(pgid)
+
+            t0 = time.monotonic()
+            size = opts.imap_msg_mib * MB
+            for n in range(1, opts.imap_msgs + 1):
+                dovecot.deliver(IMAP_FETCH_USER, imap_message(n, size))
+            dovecot.wait_for_messages(IMAP_FETCH_USER, opts.imap_msgs)
+            sizes = imap_fetch_sizes(host, dv_imap, IMAP_FETCH_USER, f"{IMAP_FETCH_USER}pw")
+            if len(sizes) != opts.imap_msgs:
+                raise BenchError(f"{IMAP_FETCH_USER}'s INBOX has {len(sizes)} messages")
+            expect = (len(sizes), sum(sizes))
+            setup = {"fetch_user": IMAP_FETCH_USER, "message_sizes": sizes}
+            ctx.log(
+                f"delivered {len(sizes)} messages ({sum(sizes) / MB:.1f} MiB) to"
+                f" {IMAP_FETCH_USER} in {time.monotonic() - t0:.1f} s"
+            )
+
+            ha_port = free_port(host)
+            ha_cfg = ctx.workdir / "haproxy.cfg"
+            ha_cfg.write_text(imap_haproxy_config(host, ha_port, dv_imap))
+            check = subprocess.run(
+                [bins["haproxy"], "-c", "-f", str(ha_cfg)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if check.returncode != 0:
+                raise BenchError(f"haproxy rejected {ha_cfg}: {check.stdout}{check.stderr}")
+            haproxy = stack.start("haproxy", [bins["haproxy"], "-db", "-f", str(ha_cfg)])
+            stack.wait_port(haproxy, host, ha_port)
+
+            mm_port = free_port(host)
+            data_dir = ctx.workdir / "mailmoat-data"
+            data_dir.mkdir()
+            mm_cfg = ctx.workdir / "mailmoat.toml"
+            backend_port = dv_proxy if opts.imap_identity == "proxy-v2" else dv_imap
+            mm_cfg.write_text(
+                imap_mailmoat_config(host, mm_port, backend_port, data_dir, opts.imap_identity)
+            )
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(opts.src), env.get("PYTHONPATH", "")) if p
+            )
+            mailmoat = stack.start(
+                "mailmoat",
+                [opts.python, "-m", "mailmoat.cli", "run", "-c", str(mm_cfg)],
+                env=env,
+            )
+            stack.wait_port(mailmoat, host, mm_port)
+            ctx.log(
+                f"dovecot pid {pgid} :{dv_imap}, haproxy pid {haproxy.pid} :{ha_port},"
+                f" mailmoat pid {mailmoat.pid} :{mm_port} (client_identity"
+                f" {opts.imap_identity}, work dir {ctx.workdir})"
+            )
+            targets = [
+                ImapTarget("direct-dovecot", dv_imap, "dovecot (all)", dovecot_cpu),
+                ImapTarget("haproxy", ha_port, "haproxy", lambda: cpu_seconds(haproxy.pid)),
+                ImapTarget("mailmoat", mm_port, "mailmoat", lambda: cpu_seconds(mailmoat.pid)),
+            ]
+            log_lines0 = len(dovecot.log_lines())
+
+            def check_alive() -> None:
+                for p in stack.procs:
+                    if not p.alive():
+                        raise BenchError(f"{p.name} died during the run: {p.log_tail()}")
+                if not dovecot.is_running():
+                    raise BenchError(f"dovecot died during the run: {dovecot.log_lines()[-5:]}")
+
+            # warm-up: imports, Dovecot's imap processes and index/cache of the messages
+            for t in targets:
+                for kind, count, conc in (("login", 100, 5), ("fetch", 1, 1)):
+                    argv = imap_load_argv(ctx, kind, t.port, count, conc, expect)
+                    status, _, _, out = run_bounded(argv, opts.run_timeout)
+                    if status != 0:
+                        problems.append(
+                            f"warm-up {kind} against {t.name}: rc={status}: "
+                            + " ".join(out.split())[:300]
+                        )
+            check_alive()
+            for rep in range(1, opts.repeats + 1):
+                for kind in ("login", "fetch"):
+                    # interleaved and rotated per repeat, so drift hits every target alike
+                    shift = (rep - 1) % len(targets)
+                    for t in targets[shift:] + targets[:shift]:
+                        r = measure_imap(ctx, t, dovecot_cpu, kind, rep, expect)
+                        runs.append(r)
+                        unit = "logins/s" if kind == "login" else "MiB/s"
+                        per = "login" if kind == "login" else "MiB"
+                        ctx.log(
+                            f"repeat {rep}/{opts.repeats} {t.name:<14} {kind:<5}"
+                            f" {r.rate:8.1f} {unit:<8} {r.cpu_ms_per_op:7.3f} ms CPU/{per:<5}"
+                            f" dovecot {r.dovecot_cpu_ms_per_op:7.3f}"
+                            f" client {r.client_cpu_s:5.2f} s"
+                            + ("" if r.ok else f"  FAILED {r.error}")
+                        )
+                        if not r.ok:
+                            problems.append(f"repeat {rep} {kind} against {t.name}: {r.error}")
+                        check_alive()
+            tail = mailmoat.log_tail(4000)
+            if "Traceback" in tail or "error" in tail.lower():
+                problems.append(f"mailmoat log: {tail[-600:]}")
+            dv_errors = [
+                line
+                for line in dovecot.log_lines()[log_lines0:]
+                if "Error:" in line or "Fatal:" in line or "Panic:" in line
+            ]
+            if dv_errors:
+                problems.append(
+                    f"dovecot logged {len(dv_errors)} error(s) during the runs, first:"
+                    f" {dv_errors[0]}"
+                )
+    finally:
+        dovecot.stop()
+
+    rows = summarize_imap(targets, runs)
+    ratios = imap_ratios(rows)
+    print()
+    print_imap_table(
+        rows,
+        ratios,
+        f"IMAP, medians of {opts.repeats}: {opts.imap_logins} x (greeting, LOGIN, LOGOUT)"
+        f" at conc {opts.imap_login_conc}; {opts.imap_fetches} x (LOGIN, SELECT,"
+        f" UID FETCH 1:* BODY.PEEK[] of {expect[0]} msgs = {expect[1] / MB:.1f} MiB, LOGOUT)"
+        f" at conc {opts.imap_fetch_conc}; mailmoat client_identity {opts.imap_identity}",
+    )
+    total_logins = sum(r.sessions for r in runs if r.ok and r.kind == "login")
+    total_mib = sum(r.mib for r in runs if r.ok and r.kind == "fetch")
+    if problems:
+        print(f"\nFAILED: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print(
+            f"all {len(runs)} runs ok: {total_logins} logins tagged OK, {total_mib:.0f} MiB"
+            " fetched with every size and end marker checked"
+        )
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "rows": [asdict(r) for r in rows],
+        "ratios": ratios,
+        "runs": [asdict(r) for r in runs],
+        "setup": setup | {"client_identity": opts.imap_identity},
+        "tools": dict(bins) | {"load": str(IMAP_LOAD)},
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "smtp": section_smtp,
     "rules": section_rules,
+    "imap": section_imap,
 }
 
 
@@ -1151,6 +1714,48 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         default=env_int("BENCH_RULES_REPEATS", 5),
         help="rules section: repeats of (none, shipped, 1000 rules) (default 5)",
     )
+    p.add_argument(
+        "--imap-logins",
+        type=int,
+        default=env_int("BENCH_IMAP_LOGINS", 2000),
+        help="imap section: login sessions per run (default 2000)",
+    )
+    p.add_argument(
+        "--imap-login-conc",
+        type=int,
+        default=env_int("BENCH_IMAP_LOGIN_CONC", 20),
+        help="imap section: concurrent login sessions (default 20)",
+    )
+    p.add_argument(
+        "--imap-fetches",
+        type=int,
+        default=env_int("BENCH_IMAP_FETCHES", 64),
+        help="imap section: FETCH sessions per run, each fetching the whole INBOX (default 64)",
+    )
+    p.add_argument(
+        "--imap-fetch-conc",
+        type=int,
+        default=env_int("BENCH_IMAP_FETCH_CONC", 6),
+        help="imap section: concurrent FETCH sessions (default 6)",
+    )
+    p.add_argument(
+        "--imap-msgs",
+        type=int,
+        default=env_int("BENCH_IMAP_MSGS", 4),
+        help="imap section: messages delivered to the FETCH user's INBOX (default 4)",
+    )
+    p.add_argument(
+        "--imap-msg-mib",
+        type=int,
+        default=env_int("BENCH_IMAP_MSG_MIB", 8),
+        help="imap section: size of each of those messages in MiB (default 8)",
+    )
+    p.add_argument(
+        "--imap-identity",
+        choices=("imap-id", "proxy-v2", "none"),
+        default=os.environ.get("BENCH_IMAP_IDENTITY", "imap-id"),
+        help="imap section: mailmoat's backend client_identity (default imap-id)",
+    )
     a = p.parse_args(argv)
     if a.list:
         for name, fn in SECTIONS.items():
@@ -1171,6 +1776,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         "profile_seconds",
         "rules_msgs",
         "rules_repeats",
+        "imap_logins",
+        "imap_login_conc",
+        "imap_fetches",
+        "imap_fetch_conc",
+        "imap_msgs",
+        "imap_msg_mib",
     ):
         if getattr(a, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
@@ -1180,6 +1791,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         or a.rules_msgs > 1_000_000
         or a.rules_repeats > 100
         or a.run_timeout > 3600
+        or a.imap_logins > 1_000_000
+        or a.imap_fetches > 10_000
+        or a.imap_login_conc > 1000
+        or a.imap_fetch_conc > 100
+        or a.imap_msgs > 64
+        or a.imap_msg_mib > 64
     ):
         raise BenchError("refusing unbounded-looking sizes (msgs or --run-timeout too large)")
     opts = Options(
@@ -1199,6 +1816,13 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         profile_seconds=a.profile_seconds,
         rules_msgs=a.rules_msgs,
         rules_repeats=a.rules_repeats,
+        imap_logins=a.imap_logins,
+        imap_login_conc=a.imap_login_conc,
+        imap_fetches=a.imap_fetches,
+        imap_fetch_conc=a.imap_fetch_conc,
+        imap_msgs=a.imap_msgs,
+        imap_msg_mib=a.imap_msg_mib,
+        imap_identity=a.imap_identity,
     )
     return opts, only
 
