@@ -115,6 +115,7 @@ def test_rule_files_are_shipped() -> None:
         "20-tls-policy.toml",
         "30-smtp-hygiene.toml",
         "40-login-abuse.toml",
+        "50-account-takeover.toml",
     ]
     assert CASE_FILES
 
@@ -295,6 +296,11 @@ BOUNDARY_MUTATIONS = [
         "login.distinct_users_ip",
     ),
     ("20-tls-policy.toml", "'!tls.active'", "'!tls.active && false'"),
+    ("50-account-takeover.toml", "login.distinct_users_ip >= 5", "login.distinct_users_ip >= 6"),
+    ("50-account-takeover.toml", "login.distinct_ips_user >= 20", "login.distinct_ips_user >= 21"),
+    ("50-account-takeover.toml", "login.travel_kmh > 1000.0'", "login.travel_kmh > 900.0'"),
+    ("50-account-takeover.toml", "login.new_country || ", ""),
+    ("50-account-takeover.toml", "client.reputation <= -40", "client.reputation <= -41"),
 ]
 
 
