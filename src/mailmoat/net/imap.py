@@ -52,6 +52,8 @@ from .upstream import BackendPool, BackendUnavailable
 
 #: after login: how long both directions may stay silent (RFC 9051 §5.4: >= 30 min)
 RELAY_IDLE_TIMEOUT: Final = 31 * 60.0
+#: after login: bytes per read; big FETCH responses move in fewer, larger writes
+RELAY_RECEIVE_SIZE: Final = 256 * 1024
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TlsError)
 
 
@@ -350,7 +352,7 @@ class _Connection:
         ) -> None:
             while True:
                 try:
-                    data = await src.receive_some(RECEIVE_SIZE)
+                    data = await src.receive_some(RELAY_RECEIVE_SIZE)
                 except _BROKEN:
                     data = b""
                 if not data:
