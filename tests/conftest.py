@@ -14,6 +14,7 @@ import trio
 import trustme
 
 from dovecot_fixtures import dovecot, postfix_sasl  # noqa: F401 - fixtures are used by name
+from geoip_fixtures import geoip_dbs  # noqa: F401 - fixtures are used by name
 from mailmoat.app import Node, run_node
 from mailmoat.config import load_config
 from mailmoat.events import MemorySink

@@ -539,3 +539,81 @@ action = "log"
     banned = await run(login, "alice", "alicepw")  # the ban holds for the next connection
     assert banned == "refused: b'* BYE [UNAVAILABLE] Your address is blocked for a while'"
     no_secrets(rn, "stale-pw", "guess-1", "guess-2", "alicepw")
+
+
+async def test_geoip_and_impossible_travel(
+    dovecot: DovecotInstance,
+    start_node: StartNode,
+    mailmoat_tls: MailmoatTLS,
+    tmp_path: Path,
+    geoip_dbs: tuple[Path, Path],
+) -> None:
+    """Berlin, then Sydney an hour later: login.travel_kmh is far beyond any plane.
+
+    The clients are on loopback, so the test maps their source addresses onto
+    the test databases' networks (127.0.0.2 -> Berlin, 127.0.0.3 -> Sydney)
+    before the real MaxMind lookup; the node's wall clock is moved an hour.
+    """
+    from mailmoat.detect.geo import GeoInfo, GeoIP
+
+    city, asn = geoip_dbs
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.toml").write_text(
+        """
+[[rule]]
+id = "G-WHERE"
+name = "where-from"
+phase = "connect"
+when = 'client.geo.country != ""'
+action = "log"
+
+[[rule]]
+id = "G-TRAVEL"
+name = "impossible-travel"
+phase = "login"
+when = 'auth.result == "success" && login.travel_kmh > 1000.0'
+action = "tag"
+tags = ["ato.impossible_travel"]
+"""
+    )
+    config = imap_config(dovecot, rules='[rules]\npaths = ["rules/"]\n')
+    config += f'\n[geoip]\ncity = "{city}"\nasn = "{asn}"\n'
+    rn = await start_node(config)
+    real = GeoIP.from_paths(city, asn)
+    places = {"127.0.0.2": "192.0.2.10", "127.0.0.3": "198.51.100.10"}
+
+    class Mapped:
+        def lookup(self, ip: str) -> GeoInfo:
+            return real.lookup(places.get(ip, ip))
+
+    service = rn.node.services["imap"]
+    service.geoip = Mapped()  # type: ignore[assignment]
+    now = [1_800_000_000.0]
+    service.wall_clock = lambda: now[0]
+    port = rn.port("imap")
+
+    def login(source: str) -> None:
+        class From(imaplib.IMAP4):
+            def _create_socket(self, timeout: float | None) -> socket.socket:
+                sock: socket.socket = socket.create_connection(
+                    (self.host, self.port), timeout=timeout, source_address=(source, 0)
+                )
+                return sock
+
+        imap = From("127.0.0.1", port, timeout=20)
+        imap.starttls(ssl_context=mailmoat_tls.client_context())
+        imap.login("carol", "carolpw")
+        imap.logout()
+
+    await run(login, "127.0.0.2")
+    berlin = rn.events.find("rule.match", rule__id="G-WHERE")[-1]
+    assert berlin["verdict.evidence"] == {"client.geo.country": "DE"}
+    assert rn.events.find("rule.match", rule__id="G-TRAVEL") == []
+    now[0] += 3600
+    await run(login, "127.0.0.3")
+    sydney = rn.events.find("rule.match", rule__id="G-WHERE")[-1]
+    assert sydney["verdict.evidence"] == {"client.geo.country": "AU"}
+    (travel,) = rn.events.find("rule.match", rule__id="G-TRAVEL")
+    kmh = travel["verdict.evidence"]["login.travel_kmh"]
+    assert 15000 < kmh < 17000, kmh  # ~16 000 km in an hour

@@ -28,6 +28,8 @@ import trio
 from .admin import AdminConfig, AdminServer, Request, Response
 from .config import Address, Config
 from .detect import LoginDetector
+from .detect.geo import GeoIP
+from .detect.reputation import Reputation
 from .errors import ConfigError, MailmoatError
 from .events import Emitter, EventSink, json_lines_sink
 from .net.imap import ImapService, serve_imap
@@ -35,7 +37,14 @@ from .net.smtp import SmtpService, serve_smtp
 from .net.tls import CertKeyPair, CertStore
 from .net.upstream import BackendPool
 from .policy import ReloadResult, RuleErrors, RuleHolder, snapshot
-from .state import MemoryStore
+from .state import (
+    FailoverStore,
+    GetProfile,
+    MemoryStore,
+    PutProfile,
+    Store,
+    StoreUnavailable,
+)
 
 R_BUSY = b"421 4.7.0 Too many connections, try again later\r\n"
 B_BUSY = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
@@ -55,7 +64,7 @@ class Node:
     emitter: Emitter
     certs: CertStore | None
     rules: RuleHolder = field(default_factory=RuleHolder.empty)
-    store: MemoryStore = field(default_factory=MemoryStore)
+    store: Store = field(default_factory=MemoryStore)
     admin_address: tuple[str, int] | None = None
     services: dict[str, SmtpService | ImapService] = field(default_factory=dict)
     bound: dict[str, list[Address]] = field(default_factory=dict)
@@ -170,85 +179,92 @@ async def run_node(
         sink, close_log = json_lines_sink(config.log.events)
         sinks.append(sink)
     emitter = Emitter(config.node.name, sinks)
-    holder = rules if rules is not None else load_rule_holder(config)
-    store = MemoryStore(max_bans=config.state.max_bans, max_keys=config.state.max_keys)
-    snapshot_path = config.node.data_dir / "state.msgpack"
-    if config.state.snapshot:
-        restore_snapshot(store, snapshot_path, emitter)
-    node = Node(config, emitter, build_certs(config), rules=holder, store=store)
-    detector = LoginDetector(store, window=config.state.login_window)
-    # fingerprints of wrong passwords (distinct passwords per user) use a salt
-    # that never leaves the process
-    salt = os.urandom(16)
-    emitter.emit(
-        "rules.reload",
-        {
-            "rules.trigger": "start",
-            "rules.count": len(holder.current.rules),
-            "rules.files": len(holder.current.files),
-            "rules.generation": holder.generation,
-            "node.mode": config.node.mode,
-        },
-        kind="audit",
-        outcome="success",
-    )
-    all_listeners: list[trio.SocketListener] = []
-    try:
-        sockets: list[tuple[SmtpService | ImapService, list[trio.SocketListener]]] = []
-        pools = {name: BackendPool(b) for name, b in config.backends.items()}
-        for lc in config.listeners:
-            service: SmtpService | ImapService
-            args = (lc, pools[lc.backend], node.certs, emitter, holder, store, detector, salt)
-            service = ImapService(*args) if lc.protocol == "imap" else SmtpService(*args)
-            node.services[lc.name] = service
-            opened: list[trio.SocketListener] = []
-            for address in lc.listen:
-                got = await _open(address, lc.name)
-                all_listeners.extend(got)
-                opened.extend(got)
-            sockets.append((service, opened))
-            node.bound[lc.name] = [
-                Address(str(s.socket.getsockname()[0]), int(s.socket.getsockname()[1]))
-                for s in opened
-            ]
-            emitter.emit(
-                "listener.start",
-                {
-                    "session.listener": lc.name,
-                    "session.protocol": lc.protocol,
-                    "listener.addresses": [str(a) for a in node.bound[lc.name]],
-                    "listener.tls": lc.tls,
-                    "backend.name": lc.backend,
-                },
-                kind="audit",
-                outcome="success",
-            )
-        async with trio.open_nursery() as nursery:
-            if handle_signals:
-                nursery.start_soon(_signals, node, nursery.cancel_scope)
-            if config.rules.watch and config.rules.paths:
-                nursery.start_soon(_watch_rules, node)
-            if config.admin is not None:
-                admin = build_admin(node)
-                node.admin_address = await nursery.start(admin.serve)
-            with node.accept_scope:
-                async with trio.open_nursery() as accept:
-                    for service, listeners in sockets:
-                        for sl in listeners:
-                            accept.start_soon(_accept_loop, service, sl, nursery)
-                    task_status.started(node)
-                    if on_ready is not None:
-                        on_ready(node)
-            # accepting stopped (drain); sessions still run in `nursery`
+    async with contextlib.AsyncExitStack() as stack:
+        holder = rules if rules is not None else load_rule_holder(config)
+        memory = MemoryStore(max_bans=config.state.max_bans, max_keys=config.state.max_keys)
+        snapshot_path = config.node.data_dir / "state.msgpack"
+        if config.state.snapshot:
+            restore_snapshot(memory, snapshot_path, emitter)
+        store = await open_store(config, memory, emitter, stack)
+        node = Node(config, emitter, build_certs(config), rules=holder, store=store)
+        detector = LoginDetector(
+            store, window=config.state.login_window, v6_prefix=config.state.v6_prefix
+        )
+        # fingerprints of wrong passwords (distinct passwords per user): a salt
+        # shared by the nodes of one store, never logged
+        salt = await shared_salt(store)
+        geoip = stack.enter_context(open_geoip(config, emitter))
+        emitter.emit(
+            "rules.reload",
+            {
+                "rules.trigger": "start",
+                "rules.count": len(holder.current.rules),
+                "rules.files": len(holder.current.files),
+                "rules.generation": holder.generation,
+                "node.mode": config.node.mode,
+            },
+            kind="audit",
+            outcome="success",
+        )
+        all_listeners: list[trio.SocketListener] = []
+        try:
+            sockets: list[tuple[SmtpService | ImapService, list[trio.SocketListener]]] = []
+            pools = {name: BackendPool(b) for name, b in config.backends.items()}
+            for lc in config.listeners:
+                service: SmtpService | ImapService
+                args = (lc, pools[lc.backend], node.certs, emitter, holder, store, detector, salt)
+                service = ImapService(*args) if lc.protocol == "imap" else SmtpService(*args)
+                service.geoip = geoip
+                service.reputation = Reputation(config.state.v6_prefix)
+                node.services[lc.name] = service
+                opened: list[trio.SocketListener] = []
+                for address in lc.listen:
+                    got = await _open(address, lc.name)
+                    all_listeners.extend(got)
+                    opened.extend(got)
+                sockets.append((service, opened))
+                node.bound[lc.name] = [
+                    Address(str(s.socket.getsockname()[0]), int(s.socket.getsockname()[1]))
+                    for s in opened
+                ]
+                emitter.emit(
+                    "listener.start",
+                    {
+                        "session.listener": lc.name,
+                        "session.protocol": lc.protocol,
+                        "listener.addresses": [str(a) for a in node.bound[lc.name]],
+                        "listener.tls": lc.tls,
+                        "backend.name": lc.backend,
+                    },
+                    kind="audit",
+                    outcome="success",
+                )
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    nursery.start_soon(_signals, node, nursery.cancel_scope)
+                if config.rules.watch and config.rules.paths:
+                    nursery.start_soon(_watch_rules, node)
+                if config.admin is not None:
+                    admin = build_admin(node)
+                    node.admin_address = await nursery.start(admin.serve)
+                with node.accept_scope:
+                    async with trio.open_nursery() as accept:
+                        for service, listeners in sockets:
+                            for sl in listeners:
+                                accept.start_soon(_accept_loop, service, sl, nursery)
+                        task_status.started(node)
+                        if on_ready is not None:
+                            on_ready(node)
+                # accepting stopped (drain); sessions still run in `nursery`
+                for sl in all_listeners:
+                    sl.socket.close()
+        finally:
             for sl in all_listeners:
                 sl.socket.close()
-    finally:
-        for sl in all_listeners:
-            sl.socket.close()
-        if config.state.snapshot:
-            save_snapshot(store, snapshot_path, emitter)
-        emitter.emit("node.stop", {}, kind="audit", outcome="success")
-        close_log()
+            if config.state.snapshot:
+                save_snapshot(memory, snapshot_path, emitter)
+            emitter.emit("node.stop", {}, kind="audit", outcome="success")
+            close_log()
 
 
 async def _accept_loop(
@@ -282,6 +298,79 @@ async def _refuse_busy(stream: trio.SocketStream, message: bytes) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(message)
     await trio.aclose_forcefully(stream)
+
+
+def open_geoip(config: Config, emitter: Emitter) -> GeoIP:
+    """The MaxMind databases of ``[geoip]``; none configured: empty geo fields, said once."""
+    city, asn = config.geoip.city, config.geoip.asn
+    if city is None and asn is None:
+        emitter.emit(
+            "geoip.disabled",
+            {
+                "message": "no [geoip] databases: client.geo.*, client.asn.* stay empty and "
+                "impossible travel / new country are not detected"
+            },
+            kind="audit",
+            outcome="unknown",
+        )
+        return GeoIP()
+    geoip = GeoIP.from_paths(city, asn)
+    emitter.emit(
+        "geoip.open",
+        {
+            "geoip.city": str(city or ""),
+            "geoip.asn": str(asn or ""),
+            "geoip.types": [t for t in geoip.database_types if t],
+        },
+        kind="audit",
+        outcome="success",
+    )
+    return geoip
+
+
+async def open_store(
+    config: Config, memory: MemoryStore, emitter: Emitter, stack: contextlib.AsyncExitStack
+) -> Store:
+    """The node's store: ``memory``, or Redis with ``memory`` as its fallback (FailoverStore)."""
+    if config.state.backend != "redis":
+        return memory
+    from .state import RedisStore
+
+    def changed(down: bool, why: str) -> None:
+        emitter.emit(
+            "state.degraded" if down else "state.recovered",
+            {
+                "state.backend": "redis",
+                "state.on_failure": config.state.on_failure,
+                "message": why,
+            },
+            kind="alert" if down else "audit",
+            outcome="failure" if down else "success",
+        )
+
+    try:
+        primary = await stack.enter_async_context(
+            RedisStore.connect(config.state.url, timeout=config.state.timeout)
+        )
+    except StoreUnavailable as exc:
+        raise ConfigError(f"[state] url: {exc}") from exc
+    return FailoverStore(
+        primary, fallback=memory, on_failure=config.state.on_failure, on_change=changed
+    )
+
+
+async def shared_salt(store: Store) -> bytes:
+    """A salt every node of ``store`` agrees on (random on first use, kept for a year)."""
+    try:
+        (found,) = await store.run([GetProfile("node:salt")])
+        if not found or not isinstance(found.get("salt"), str):
+            await store.run(
+                [PutProfile("node:salt", {"salt": os.urandom(16).hex()}, 365 * 86400.0)]
+            )
+            (found,) = await store.run([GetProfile("node:salt")])
+        return bytes.fromhex(str(found["salt"]))
+    except (StoreUnavailable, ValueError, TypeError, KeyError):
+        return os.urandom(16)
 
 
 def restore_snapshot(store: MemoryStore, path: Path, emitter: Emitter) -> None:

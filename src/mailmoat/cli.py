@@ -13,9 +13,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ConfigError, MailmoatError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def _default_config() -> str:
@@ -106,6 +110,14 @@ def _print_config_error(exc: MailmoatError) -> None:
         print(f"mailmoat: {exc}", file=sys.stderr)
 
 
+def check_geoip(config: Config) -> None:
+    """Open (and close) the [geoip] databases: a wrong file is a config error now."""
+    from .detect.geo import GeoIP
+
+    if config.geoip.city is not None or config.geoip.asn is not None:
+        GeoIP.from_paths(config.geoip.city, config.geoip.asn).close()
+
+
 def cmd_check(config_path: str) -> int:
     from .app import build_certs, load_rule_holder
     from .config import load_config
@@ -114,6 +126,7 @@ def cmd_check(config_path: str) -> int:
         config = load_config(config_path)
         build_certs(config)  # loads and matches every certificate and key
         holder = load_rule_holder(config)
+        check_geoip(config)
     except (ConfigError, MailmoatError) as exc:
         _print_config_error(exc)
         return 1
@@ -204,6 +217,7 @@ def cmd_run(config_path: str) -> int:
         config = load_config(config_path)
         build_certs(config)
         holder = load_rule_holder(config)
+        check_geoip(config)
     except MailmoatError as exc:
         _print_config_error(exc)
         return 1

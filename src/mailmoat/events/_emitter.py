@@ -32,6 +32,11 @@ class EventSink(Protocol):
     def __call__(self, event: Mapping[str, Any]) -> None: ...
 
 
+def wall_clock() -> float:
+    """Seconds since the epoch: for facts that outlive the process (login profiles)."""
+    return time.time()
+
+
 def new_session_id() -> str:
     """A time-sortable session id: 12 hex digits of milliseconds + 8 random."""
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"

@@ -13,6 +13,7 @@ closes -- it never echoes exception text to the peer.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, final
 
@@ -20,9 +21,11 @@ import trio
 
 from mailmoat.config import ListenerConfig
 from mailmoat.detect import LoginDetector, LoginFacts
+from mailmoat.detect.geo import GeoInfo, GeoIP
 from mailmoat.detect.outbound import Outbound, OutboundFacts
 from mailmoat.detect.reputation import Reputation
-from mailmoat.events import Emitter, new_session_id
+from mailmoat.detect.travel import LoginProfile, assess
+from mailmoat.events import Emitter, new_session_id, wall_clock
 from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
 from mailmoat.protocols.smtp import SmtpLimits
@@ -43,7 +46,7 @@ from mailmoat.session.smtp import (
     StartClientTls,
     StartUpstreamTls,
 )
-from mailmoat.state import Store, StoreUnavailable
+from mailmoat.state import GetProfile, PutProfile, Store, StoreUnavailable
 
 from .tls import CertStore, TlsError, TlsStream
 from .upstream import BackendPool, BackendUnavailable
@@ -82,6 +85,9 @@ class SmtpService:
     detector: LoginDetector | None = None
     salt: bytes = b""
     reputation: Reputation = field(default_factory=Reputation)
+    geoip: GeoIP = field(default_factory=GeoIP)
+    #: seconds since the epoch (login profiles outlive the process); tests move it
+    wall_clock: Callable[[], float] = wall_clock
     outbound: Outbound = field(default_factory=Outbound)
     active: set[trio.CancelScope] = field(default_factory=set)
     session_config: SmtpSessionConfig = field(init=False)
@@ -144,6 +150,7 @@ class _Connection:
         self.started = trio.current_time()
         self.client_in = self.client_out = self.up_in = self.up_out = 0
         self.backend_address = ""
+        self.geo: GeoInfo = GeoInfo()
 
     def emit(self, cmd: Emit) -> None:
         fields: dict[str, Any] = {
@@ -176,7 +183,12 @@ class _Connection:
                         outcome="failure",
                     )
                 )
-        await self.execute(self.session.start(banned, greet=not implicit, reputation=reputation))
+        self.geo = self.service.geoip.lookup(self.ip)
+        await self.execute(
+            self.session.start(
+                banned, greet=not implicit, reputation=reputation, geo=self.geo.fields()
+            )
+        )
         if self.ended():
             return
         if implicit:
@@ -337,10 +349,17 @@ class _Connection:
         if cmd.fingerprint is not None and not cmd.success and salt:
             fingerprint = cmd.fingerprint(salt)
         ops = detector.ops(self.ip, cmd.user, cmd.success, fingerprint)
-        if not cmd.success:
+        profile_key = f"login:profile:{cmd.user.casefold()}"
+        if cmd.success:
+            ops.append(GetProfile(profile_key))
+        else:
             ops += self.service.reputation.note(self.ip, "failure")
+        travel: dict[str, Any] | None = None
         try:
-            facts = detector.facts(await detector.store.run(ops))
+            results = await detector.store.run(ops)
+            facts = detector.facts(results)
+            if cmd.success and cmd.user:
+                travel = await self.assess_travel(profile_key, results[len(ops) - 1])
         except StoreUnavailable as exc:
             self.emit(
                 Emit(
@@ -351,7 +370,19 @@ class _Connection:
                 )
             )
             facts = LoginFacts()
-        return self.session.login_checked(facts)
+        return self.session.login_checked(facts, travel)
+
+    async def assess_travel(self, key: str, stored: object) -> dict[str, Any]:
+        """Impossible travel and new country / AS for a successful login (needs [geoip])."""
+        store = self.service.store
+        assert store is not None
+        try:
+            profile = LoginProfile.from_dict(stored) if isinstance(stored, dict) else None
+        except ValueError:
+            profile = None
+        assessment, updated = assess(profile, self.geo, "", self.service.wall_clock())
+        await store.run([PutProfile(key, updated.to_dict(), 180 * 86400.0)])
+        return assessment.fields()
 
     async def send_client(self, data: bytes) -> None:
         try:

@@ -36,7 +36,7 @@ STARTTLS and LOGINDISABLED.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, assert_never, final
 
@@ -274,11 +274,18 @@ class ImapSession:
     # ------------------------------------------------------------------ inputs
 
     def start(
-        self, banned: bool = False, *, greet: bool = True, reputation: int = 0
+        self,
+        banned: bool = False,
+        *,
+        greet: bool = True,
+        reputation: int = 0,
+        geo: Mapping[str, Any] | None = None,
     ) -> list[ImapCommand]:
         """The connect phase (see SmtpSession.start)."""
         out: list[ImapCommand] = []
         self.judge.ctx["client"].update(banned=banned, reputation=reputation)
+        if geo:
+            self.judge.ctx["client"].update(geo)
         if self._apply("connect", out, greet=greet) or self.judge.trusted or not banned:
             return out
         detect = self.judge.holder is not None and self.judge.holder.mode == "detect"
@@ -406,11 +413,15 @@ class ImapSession:
             self.state = State.CLOSED
             self.close_reason = reason
 
-    def login_checked(self, facts: LoginFacts) -> list[ImapCommand]:
+    def login_checked(
+        self, facts: LoginFacts, travel: Mapping[str, Any] | None = None
+    ) -> list[ImapCommand]:
         out: list[ImapCommand] = []
         if self.state is not State.LOGIN:
             return out
         self.judge.ctx["login"].update(facts.fields())
+        if travel:
+            self.judge.ctx["login"].update(travel)
         reply, self._login_reply = self._login_reply, b""
         self.state = State.COMMAND
         pending, self._pending = self._pending, None

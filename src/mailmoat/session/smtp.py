@@ -989,7 +989,12 @@ class SmtpSession:
     # ------------------------------------------------------------------ policy
 
     def start(
-        self, banned: bool = False, *, greet: bool = True, reputation: int = 0
+        self,
+        banned: bool = False,
+        *,
+        greet: bool = True,
+        reputation: int = 0,
+        geo: Mapping[str, Any] | None = None,
     ) -> list[SessionCommand]:
         """The connect phase, before anything is said: rules, then the ban list.
 
@@ -1000,6 +1005,8 @@ class SmtpSession:
         """
         out: list[SessionCommand] = []
         self.judge.ctx["client"].update(banned=banned, reputation=reputation)
+        if geo:
+            self.judge.ctx["client"].update(geo)
         if self._apply("connect", out, greet=greet) or self.judge.trusted or not banned:
             return out
         detect = self.judge.holder is not None and self.judge.holder.mode == "detect"
@@ -1068,12 +1075,16 @@ class SmtpSession:
             text = default_reply("smtp", verdict.action) or "554 5.7.1 Access denied"
         return text.encode("utf-8", "replace") + b"\r\n"
 
-    def login_checked(self, facts: LoginFacts) -> list[SessionCommand]:
+    def login_checked(
+        self, facts: LoginFacts, travel: Mapping[str, Any] | None = None
+    ) -> list[SessionCommand]:
         """The state store counted this login: run the login phase, then relay the reply."""
         out: list[SessionCommand] = []
         if self.state is not State.LOGIN:
             return out
         self.judge.ctx["login"].update(facts.fields())
+        if travel:
+            self.judge.ctx["login"].update(travel)
         self.state = State.RELAY
         reply, self._login_reply = self._login_reply, b""
         if self._apply("login", out):

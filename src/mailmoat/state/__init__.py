@@ -1,6 +1,6 @@
 """Shared state: bans, windowed counters, distinct counts and profiles (DESIGN.md §7).
 
-``MemoryStore`` serves one node; a Redis store serves several.  Both implement
+``MemoryStore`` serves one node; ``RedisStore`` serves several.  Both implement
 :class:`Store`; detectors speak to it in lists of operations (:class:`Count`,
 :class:`Distinct`, ...) so that a Redis store answers a phase in one round trip.
 """
@@ -20,6 +20,7 @@ from ._ops import Peek as Peek
 from ._ops import PutProfile as PutProfile
 from ._ops import Store as Store
 from ._ops import StoreUnavailable as StoreUnavailable
+from ._redis import RedisStore as RedisStore
 
 __all__ = [
     "MAX_DISTINCT",
@@ -34,6 +35,7 @@ __all__ = [
     "Op",
     "Peek",
     "PutProfile",
+    "RedisStore",
     "Store",
     "StoreUnavailable",
     "normalize_ip",

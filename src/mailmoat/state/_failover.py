@@ -11,8 +11,10 @@ restart needed.
 
 ``on_failure = "closed"``: while degraded, :meth:`run` still answers from
 memory but :attr:`blind` is true, and callers that must not decide without
-the shared view (logins) refuse instead.  Bans taken while degraded are kept
-locally and written to the primary again when it is back.
+the shared view (logins) refuse instead.  While the primary is up it alone
+holds the bans (a local copy would outlive an unban made on another node);
+bans taken while degraded are kept locally and written to the primary when
+it is back.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class FailoverStore:
         return await self.fallback.run(ops)
 
     async def ban(self, ip: str, seconds: float, reason: str, rule_id: str | None = None) -> Ban:
-        local = await self.fallback.ban(ip, seconds, reason, rule_id)
+        # only the shared store holds bans while it is up: a local copy would
+        # outlive an unban made on another node
         if self._usable():
             try:
                 ban = await self.primary.ban(ip, seconds, reason, rule_id)
@@ -105,6 +108,7 @@ class FailoverStore:
             else:
                 await self._recovered()
                 return ban
+        local = await self.fallback.ban(ip, seconds, reason, rule_id)
         self._pending_bans[local.ip] = local
         return local
 
