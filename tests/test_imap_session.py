@@ -173,3 +173,16 @@ def test_unsupported_mechanism_refused_locally() -> None:
     out = s.receive_client(b"a AUTHENTICATE GSSAPI\r\n")
     assert upstream(out) == b""
     assert to_client(out) == b"a NO [CANNOT] Unsupported authentication mechanism\r\n"
+
+
+def test_blind_store_refuses_the_login() -> None:
+    s, _ = greeted(client_tls="implicit")
+    s.receive_client(b"a1 LOGIN bob secret\r\n")
+    s.receive_upstream(b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+    out = s.login_checked(LoginFacts(), blind=True)
+    assert to_client(out) == b"a1 NO [UNAVAILABLE] Temporary authentication failure\r\n"
+    s.receive_client(b"a2 LOGIN bob secret\r\n")
+    s.receive_upstream(b"a2 OK Logged in\r\n")
+    out = s.login_checked(LoginFacts(), blind=True)
+    assert to_client(out) == b"* BYE [UNAVAILABLE] Service not available, try again later\r\n"
+    assert s.close_reason == "state_unavailable"

@@ -174,3 +174,19 @@ def test_reload_reaches_a_session_in_flight(tmp_path: Path) -> None:
     assert holder is not None
     assert holder.reload().ok
     assert upstream(s.receive_client(b"MAIL FROM:<a@b.org>\r\n")) == b"MAIL FROM:<a@b.org>\r\n"
+
+
+def test_blind_store_refuses_logins_with_a_temporary_failure(tmp_path: Path) -> None:
+    """[state] on_failure = "closed" and the shared store down: no login is decided blind."""
+    s = session(tmp_path, rule("N", "helo", "false", "log"))
+    s.receive_client(b"AUTH PLAIN AGJvYgB4\r\n")
+    s.receive_upstream(b"535 5.7.8 Error: authentication failed\r\n")
+    out = s.login_checked(LoginFacts(), blind=True)
+    assert to_client(out) == b"454 4.7.0 Temporary authentication failure, try again later\r\n"
+    assert not s.closed
+    s.receive_client(b"AUTH PLAIN AGJvYgBib2Jwdw==\r\n")
+    s.receive_upstream(b"235 2.7.0 Authentication successful\r\n")
+    out = s.login_checked(LoginFacts(), blind=True)
+    # the backend accepted it and cannot take it back: close instead
+    assert to_client(out).startswith(b"421 4.7.0")
+    assert s.close_reason == "state_unavailable"

@@ -187,9 +187,11 @@ async def run_node(
             restore_snapshot(memory, snapshot_path, emitter)
         store = await open_store(config, memory, emitter, stack)
         node = Node(config, emitter, build_certs(config), rules=holder, store=store)
-        detector = LoginDetector(
+        detector: LoginDetector | None = LoginDetector(
             store, window=config.state.login_window, v6_prefix=config.state.v6_prefix
         )
+        if not config.state.detection:
+            detector = None
         # fingerprints of wrong passwords (distinct passwords per user): a salt
         # shared by the nodes of one store, never logged
         salt = await shared_salt(store)

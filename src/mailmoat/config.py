@@ -168,6 +168,8 @@ class StateConfig:
     login_window: float = 600.0
     v6_prefix: int = 64
     snapshot: bool = True
+    #: false: no login/reputation/outbound detectors (bans still apply)
+    detection: bool = True
 
 
 @final
@@ -771,6 +773,7 @@ def _state(ctx: _Ctx, raw: Mapping[str, Any]) -> StateConfig:
             "login_window",
             "v6_prefix",
             "snapshot",
+            "detection",
         ),
         t,
     )
@@ -808,6 +811,7 @@ def _state(ctx: _Ctx, raw: Mapping[str, Any]) -> StateConfig:
         login_window=_positive(ctx, raw, "login_window", d.login_window, t),
         v6_prefix=ints["v6_prefix"],
         snapshot=bool(_get(ctx, raw, "snapshot", bool, d.snapshot, t)),
+        detection=bool(_get(ctx, raw, "detection", bool, d.detection, t)),
     )
 
 

@@ -145,8 +145,9 @@ class _Connection:
         if store is not None:
             try:
                 banned = await store.banned(self.ip) is not None
-                rep = self.service.reputation
-                reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
+                if self.service.detector is not None:
+                    rep = self.service.reputation
+                    reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
             except StoreUnavailable as exc:
                 self.emit(
                     Emit(
@@ -352,7 +353,8 @@ class _Connection:
                 )
             )
             facts = LoginFacts()
-        return self.session.login_checked(facts, travel)
+        blind = bool(getattr(detector.store, "blind", False))
+        return self.session.login_checked(facts, travel, blind=blind)
 
     async def assess_travel(self, key: str, stored: object) -> dict[str, Any]:
         """Impossible travel and new country / AS for a successful login (needs [geoip])."""
@@ -430,7 +432,11 @@ class _Connection:
     async def note_refusal(self) -> None:
         """A session refused for cause lowers its source's reputation."""
         store = self.service.store
-        if store is None or self.session.close_reason not in REFUSAL_REASONS:
+        if (
+            store is None
+            or self.service.detector is None
+            or self.session.close_reason not in REFUSAL_REASONS
+        ):
             return
         with contextlib.suppress(StoreUnavailable):
             await store.run(self.service.reputation.note(self.ip, "refusal"))

@@ -172,8 +172,9 @@ class _Connection:
         if store is not None:
             try:
                 banned = await store.banned(self.ip) is not None
-                rep = self.service.reputation
-                reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
+                if self.service.detector is not None:
+                    rep = self.service.reputation
+                    reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
             except StoreUnavailable as exc:
                 self.emit(
                     Emit(
@@ -370,7 +371,8 @@ class _Connection:
                 )
             )
             facts = LoginFacts()
-        return self.session.login_checked(facts, travel)
+        blind = bool(getattr(detector.store, "blind", False))
+        return self.session.login_checked(facts, travel, blind=blind)
 
     async def assess_travel(self, key: str, stored: object) -> dict[str, Any]:
         """Impossible travel and new country / AS for a successful login (needs [geoip])."""
@@ -432,7 +434,7 @@ class _Connection:
 
     async def check_message(self, cmd: CheckMessage) -> list[SessionCommand]:
         store = self.service.store
-        if store is None:
+        if store is None or self.service.detector is None:
             return self.session.message_checked(OutboundFacts())
         outbound = self.service.outbound
         recipients = list(cmd.recipients)
@@ -455,7 +457,11 @@ class _Connection:
     async def note_refusal(self) -> None:
         """A session refused for cause lowers its source's reputation."""
         store = self.service.store
-        if store is None or self.session.close_reason not in REFUSAL_REASONS:
+        if (
+            store is None
+            or self.service.detector is None
+            or self.session.close_reason not in REFUSAL_REASONS
+        ):
             return
         with contextlib.suppress(StoreUnavailable):
             await store.run(self.service.reputation.note(self.ip, "refusal"))

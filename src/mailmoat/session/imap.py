@@ -414,8 +414,13 @@ class ImapSession:
             self.close_reason = reason
 
     def login_checked(
-        self, facts: LoginFacts, travel: Mapping[str, Any] | None = None
+        self,
+        facts: LoginFacts,
+        travel: Mapping[str, Any] | None = None,
+        *,
+        blind: bool = False,
     ) -> list[ImapCommand]:
+        """The store counted this login (see SmtpSession.login_checked, ``blind`` too)."""
         out: list[ImapCommand] = []
         if self.state is not State.LOGIN:
             return out
@@ -426,6 +431,25 @@ class ImapSession:
         self.state = State.COMMAND
         pending, self._pending = self._pending, None
         tag = pending.tag if pending is not None else b"*"
+        if blind:
+            out.append(
+                Emit(
+                    "auth.refused_blind",
+                    {"auth.user": self.auth_user or ""},
+                    kind="alert",
+                    outcome="failure",
+                )
+            )
+            if self.authenticated:
+                out.append(SendToClient(B_UNAVAILABLE))
+                self._close(out, "state_unavailable")
+            else:
+                out.append(
+                    SendToClient(tag + b" NO [UNAVAILABLE] Temporary authentication failure\r\n")
+                )
+                self._drain_client(out)
+            self.authenticated = False
+            return out
         if self._apply("login", out, tag=tag):
             if self.state is not State.CLOSED and self.authenticated:
                 # the backend's session is logged in and cannot be taken back

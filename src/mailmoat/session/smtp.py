@@ -186,6 +186,8 @@ R_BARE_NEWLINE = _r(
     "554 5.5.2 Error: bare <LF> or <CR> in message refused (SMTP smuggling defence)"
 )
 R_DATA_LINE_TOO_LONG = _r("554 5.5.2 Error: message line too long")
+R_AUTH_BLIND = _r("454 4.7.0 Temporary authentication failure, try again later")
+R_AUTH_BLIND_CLOSE = _r("421 4.7.0 Temporary authentication failure, closing transmission channel")
 R_BANNED = _r("554 5.7.1 Service unavailable; your address is blocked for a while")
 
 #: recipients kept for ``smtp.rcpt_to`` (``smtp.rcpt_count`` counts on)
@@ -1076,9 +1078,17 @@ class SmtpSession:
         return text.encode("utf-8", "replace") + b"\r\n"
 
     def login_checked(
-        self, facts: LoginFacts, travel: Mapping[str, Any] | None = None
+        self,
+        facts: LoginFacts,
+        travel: Mapping[str, Any] | None = None,
+        *,
+        blind: bool = False,
     ) -> list[SessionCommand]:
-        """The state store counted this login: run the login phase, then relay the reply."""
+        """The state store counted this login: run the login phase, then relay the reply.
+
+        ``blind``: the shared store is down and ``[state] on_failure = "closed"``:
+        the login is refused (a temporary failure) instead of judged.
+        """
         out: list[SessionCommand] = []
         if self.state is not State.LOGIN:
             return out
@@ -1087,6 +1097,23 @@ class SmtpSession:
             self.judge.ctx["login"].update(travel)
         self.state = State.RELAY
         reply, self._login_reply = self._login_reply, b""
+        if blind:
+            out.append(
+                Emit(
+                    "auth.refused_blind",
+                    {"auth.user": self.auth_user or ""},
+                    kind="alert",
+                    outcome="failure",
+                )
+            )
+            if self.authenticated:  # cannot be taken back at the backend
+                out.append(SendToClient(R_AUTH_BLIND_CLOSE))
+                self._close(out, "state_unavailable")
+                return out
+            out.append(SendToClient(R_AUTH_BLIND))
+            self.state = State.COMMAND
+            self._drain_client(out)
+            return out
         if self._apply("login", out):
             # reject: our reply stands for the backend's; deny/ban closed already
             if self.state is not State.CLOSED:
