@@ -15,17 +15,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast, final
+from typing import Final, Literal, cast, final
 
 import trio
 
 from mailmoat.config import ListenerConfig
-from mailmoat.detect import LoginDetector, LoginFacts
-from mailmoat.detect.geo import GeoInfo, GeoIP
+from mailmoat.detect import LoginDetector
+from mailmoat.detect.geo import GeoIP
 from mailmoat.detect.outbound import Outbound
 from mailmoat.detect.reputation import Reputation
-from mailmoat.detect.travel import LoginProfile, assess
-from mailmoat.events import Emitter, new_session_id, wall_clock
+from mailmoat.events import Emitter, wall_clock
 from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
 from mailmoat.session.imap import (
@@ -47,17 +46,23 @@ from mailmoat.session.smtp import (
     StartClientTls,
     StartUpstreamTls,
 )
-from mailmoat.state import GetProfile, PutProfile, Store, StoreUnavailable
+from mailmoat.state import Store
 
-from .smtp import MAX_TARPIT, RECEIVE_SIZE, REFUSAL_REASONS, _as_bytes, _peer
-from .tls import CertStore, TlsError, TlsStream
+from ._connection import (
+    BROKEN,
+    MAX_TARPIT,
+    RECEIVE_SIZE,
+    ConnectionBase,
+    as_bytes,
+    serve_connection,
+)
+from .tls import CertStore, TlsError
 from .upstream import BackendPool, BackendUnavailable
 
 #: after login: how long both directions may stay silent (RFC 9051 §5.4: >= 30 min)
 RELAY_IDLE_TIMEOUT: Final = 31 * 60.0
 #: after login: bytes per read; big FETCH responses move in fewer, larger writes
 RELAY_RECEIVE_SIZE: Final = 256 * 1024
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TlsError)
 
 
 @final
@@ -96,20 +101,20 @@ class ImapService:
 
 
 @final
-class _Connection:
+class _Connection(ConnectionBase):
+    """One IMAP connection (tier 3 half of the session)."""
+
+    protocol = "imap"
+
     def __init__(self, service: ImapService, client: trio.SocketStream) -> None:
+        super().__init__(service, client)
         self.service = service
-        self.client: trio.abc.Stream = client
-        self.socket = client.socket
-        self.upstream: trio.abc.Stream | None = None
-        self.id = new_session_id()
-        self.ip, self.port = _peer(client)
         try:
             local = client.socket.getsockname()
             self.local = (str(local[0]).removeprefix("::ffff:"), int(local[1]))
         except OSError:
             self.local = ("", 0)
-        self.session = ImapSession(
+        self.session: ImapSession = ImapSession(
             service.session_config,
             self.ip,
             self.port,
@@ -117,47 +122,11 @@ class _Connection:
             rules=service.rules,
             session_id=self.id,
         )
-        self.started = trio.current_time()
-        self.client_in = self.client_out = self.up_in = self.up_out = 0
-        self.backend_address = ""
-        self.geo: GeoInfo = GeoInfo()
-
-    def emit(self, cmd: Emit) -> None:
-        fields: dict[str, Any] = {
-            "session.protocol": "imap",
-            "session.listener": self.service.listener.name,
-            "client.ip": self.ip,
-            "client.port": self.port,
-        }
-        fields.update(cmd.fields)
-        self.service.emitter.emit(
-            cmd.action, fields, kind=cmd.kind, outcome=cmd.outcome, session_id=self.id
-        )
-
-    def ended(self) -> bool:
-        return self.session.closed
 
     async def run(self) -> None:
         implicit = self.service.listener.tls == "implicit"
         self.emit(Emit("session.open", {"tls.active": implicit}))
-        store = self.service.store
-        banned, reputation = False, 0
-        if store is not None:
-            try:
-                banned = await store.banned(self.ip) is not None
-                if self.service.detector is not None:
-                    rep = self.service.reputation
-                    reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
-            except StoreUnavailable as exc:
-                self.emit(
-                    Emit(
-                        "state.unavailable",
-                        {"error.message": str(exc)},
-                        kind="alert",
-                        outcome="failure",
-                    )
-                )
-        self.geo = self.service.geoip.lookup(self.ip)
+        banned, reputation = await self.connect_facts(self.service.geoip.lookup)
         await self.execute(
             self.session.start(
                 banned, greet=not implicit, reputation=reputation, geo=self.geo.fields()
@@ -202,8 +171,8 @@ class _Connection:
     async def read_client(self) -> list[ImapCommand]:
         try:
             with trio.move_on_after(self.service.listener.idle_timeout) as scope:
-                data = _as_bytes(await self.client.receive_some(RECEIVE_SIZE))
-        except _BROKEN:
+                data = as_bytes(await self.client.receive_some(RECEIVE_SIZE))
+        except BROKEN:
             data = b""
         if scope.cancelled_caught:
             return self.session.timed_out("client")
@@ -214,8 +183,8 @@ class _Connection:
         assert self.upstream is not None
         try:
             with trio.move_on_after(self.service.pool.config.command_timeout) as scope:
-                data = _as_bytes(await self.upstream.receive_some(RECEIVE_SIZE))
-        except _BROKEN:
+                data = as_bytes(await self.upstream.receive_some(RECEIVE_SIZE))
+        except BROKEN:
             return self.session.upstream_failed("backend_closed")
         if scope.cancelled_caught:
             return self.session.timed_out("upstream")
@@ -258,116 +227,6 @@ class _Connection:
                     await self.relay(cmd)
             i += 1
 
-    async def send_client(self, data: bytes) -> None:
-        try:
-            await self.client.send_all(data)
-            self.client_out += len(data)
-        except _BROKEN:
-            self.session.client_gone()
-
-    async def send_upstream(self, data: bytes) -> list[ImapCommand]:
-        assert self.upstream is not None
-        try:
-            with trio.fail_after(self.service.pool.config.command_timeout):
-                await self.upstream.send_all(data)
-        except _BROKEN:
-            return self.session.upstream_failed("backend_closed")
-        except trio.TooSlowError:
-            return self.session.timed_out("upstream")
-        self.up_out += len(data)
-        return []
-
-    async def client_handshake(self) -> list[ImapCommand]:
-        certs = self.service.certs
-        assert certs is not None
-        tls = TlsStream(self.client, certs.context, server_side=True)
-        try:
-            with trio.fail_after(self.service.listener.tls_handshake_timeout):
-                await tls.do_handshake()
-        except trio.TooSlowError:
-            return self.session.client_tls_failed("handshake timeout")
-        except TlsError as exc:
-            return self.session.client_tls_failed(exc.reason)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return self.session.client_tls_failed("connection closed during handshake")
-        self.client = tls
-        return self.session.client_tls_started(tls.version or "", tls.cipher or "", tls.server_name)
-
-    async def upstream_handshake(self) -> list[ImapCommand]:
-        assert self.upstream is not None
-        try:
-            tls = await self.service.pool.start_tls(self.upstream)
-        except TlsError as exc:
-            return self.session.upstream_tls_failed(exc.reason)
-        except trio.BrokenResourceError:
-            return self.session.upstream_tls_failed("connection closed during handshake")
-        self.upstream = tls
-        return self.session.upstream_tls_started(tls.version or "", tls.cipher or "")
-
-    async def ban(self, cmd: BanClient) -> None:
-        store = self.service.store
-        if store is None:
-            return
-        ban = await store.ban(self.ip, cmd.seconds, cmd.reason, cmd.rule_id)
-        await store.run(self.service.reputation.note(self.ip, "ban"))
-        self.emit(
-            Emit(
-                "client.ban",
-                {
-                    "ban.seconds": round(store.remaining(ban), 1),
-                    "ban.reason": cmd.reason,
-                    "rule.id": cmd.rule_id,
-                },
-                kind="verdict",
-                outcome="success",
-            )
-        )
-
-    async def check_login(self, cmd: CheckLogin) -> list[ImapCommand]:
-        detector = self.service.detector
-        if detector is None:
-            return self.session.login_checked(LoginFacts())
-        salt = self.service.salt
-        fingerprint = None
-        if cmd.fingerprint is not None and not cmd.success and salt:
-            fingerprint = cmd.fingerprint(salt)
-        ops = detector.ops(self.ip, cmd.user, cmd.success, fingerprint)
-        profile_key = f"login:profile:{cmd.user.casefold()}"
-        if cmd.success:
-            ops.append(GetProfile(profile_key))
-        else:
-            ops += self.service.reputation.note(self.ip, "failure")
-        travel: dict[str, Any] | None = None
-        try:
-            results = await detector.store.run(ops)
-            facts = detector.facts(results)
-            if cmd.success and cmd.user:
-                travel = await self.assess_travel(profile_key, results[len(ops) - 1])
-        except StoreUnavailable as exc:
-            self.emit(
-                Emit(
-                    "state.unavailable",
-                    {"error.message": str(exc)},
-                    kind="alert",
-                    outcome="failure",
-                )
-            )
-            facts = LoginFacts()
-        blind = bool(getattr(detector.store, "blind", False))
-        return self.session.login_checked(facts, travel, blind=blind)
-
-    async def assess_travel(self, key: str, stored: object) -> dict[str, Any]:
-        """Impossible travel and new country / AS for a successful login (needs [geoip])."""
-        store = self.service.store
-        assert store is not None
-        try:
-            profile = LoginProfile.from_dict(stored) if isinstance(stored, dict) else None
-        except ValueError:
-            profile = None
-        assessment, updated = assess(profile, self.geo, "", self.service.wall_clock())
-        await store.run([PutProfile(key, updated.to_dict(), 180 * 86400.0)])
-        return assessment.fields()
-
     async def relay(self, cmd: StartRelay) -> None:
         """Copy bytes both ways until one side closes (authenticated session)."""
         assert self.upstream is not None
@@ -386,7 +245,7 @@ class _Connection:
             while True:
                 try:
                     data = await src.receive_some(RELAY_RECEIVE_SIZE)
-                except _BROKEN:
+                except BROKEN:
                     data = b""
                 if not data:
                     reason[0] = "client_closed" if side == "client" else "backend_closed"
@@ -394,7 +253,7 @@ class _Connection:
                 last[0] = trio.current_time()
                 try:
                     await dst.send_all(data)
-                except _BROKEN:
+                except BROKEN:
                     reason[0] = "backend_closed" if side == "client" else "client_gone"
                     return
                 if side == "client":
@@ -429,24 +288,13 @@ class _Connection:
             nursery.start_soon(watchdog, scope)
         self.session.relay_ended(reason[0])
 
-    async def note_refusal(self) -> None:
-        """A session refused for cause lowers its source's reputation."""
-        store = self.service.store
-        if (
-            store is None
-            or self.service.detector is None
-            or self.session.close_reason not in REFUSAL_REASONS
-        ):
-            return
-        with contextlib.suppress(StoreUnavailable):
-            await store.run(self.service.reputation.note(self.ip, "refusal"))
-
-    async def close(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            for stream in (self.upstream, self.client):
-                if stream is not None:
-                    with contextlib.suppress(*_BROKEN):
-                        await stream.aclose()
+    async def on_drain_deadline(self) -> None:
+        if self.session.relaying:
+            with contextlib.suppress(*BROKEN):
+                await self.client.send_all(b"* BYE [UNAVAILABLE] Server shutting down\r\n")
+            self.session.relay_ended("shutdown")
+        else:
+            await self.execute(self.session.shutdown())
 
     def emit_close(self) -> None:
         s = self.session
@@ -474,50 +322,4 @@ class _Connection:
 
 async def serve_imap(service: ImapService, stream: trio.SocketStream) -> None:
     """Handle one IMAP client connection from accept to close."""
-    conn = _Connection(service, stream)
-    scope = trio.CancelScope()
-    service.active.add(scope)
-    try:
-        with scope:
-            await conn.run()
-        if scope.cancelled_caught and not conn.session.closed:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                if conn.session.relaying:
-                    with contextlib.suppress(*_BROKEN):
-                        await conn.client.send_all(b"* BYE [UNAVAILABLE] Server shutting down\r\n")
-                    conn.session.relay_ended("shutdown")
-                else:
-                    await conn.execute(conn.session.shutdown())
-    except Exception as exc:  # noqa: BLE001 - the per-connection error boundary
-        conn.session.close_reason = "internal_error"
-        conn.emit(
-            Emit(
-                "internal_error",
-                {"error.type": type(exc).__name__, "error.message": str(exc)[:500]},
-                kind="alert",
-                outcome="failure",
-            )
-        )
-        with (
-            trio.CancelScope(shield=True),
-            trio.move_on_after(1),
-            contextlib.suppress(*_BROKEN),
-        ):
-            await conn.client.send_all(B_UNAVAILABLE)
-    finally:
-        service.active.discard(scope)
-        await conn.close()
-        with trio.CancelScope(shield=True):
-            try:
-                await conn.note_refusal()
-                await conn.execute(conn.session.finish())
-            except Exception as exc:  # noqa: BLE001 - same boundary, after the close
-                conn.emit(
-                    Emit(
-                        "internal_error",
-                        {"error.type": type(exc).__name__, "error.message": str(exc)[:500]},
-                        kind="alert",
-                        outcome="failure",
-                    )
-                )
-        conn.emit_close()
+    await serve_connection(_Connection(service, stream), B_UNAVAILABLE)

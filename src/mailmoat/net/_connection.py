@@ -1,0 +1,351 @@
+"""What the SMTP and IMAP connection drivers share.
+
+Contract: a driver subclasses :class:`ConnectionBase`, sets ``protocol``,
+builds its session in ``__init__`` and implements ``run``, ``execute`` and
+``emit_close``.  The base class owns the two streams and their byte counts,
+stamps events, runs the TLS handshakes, answers the state-store commands
+(``BanClient``, ``CheckLogin``) and reads the facts a session starts with
+(ban, reputation, GeoIP).  :func:`serve_connection` is the per-connection
+error boundary both protocols use: the one broad ``except``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import trio
+
+from mailmoat.config import ListenerConfig
+from mailmoat.detect import LoginDetector, LoginFacts
+from mailmoat.detect.geo import GeoInfo
+from mailmoat.detect.reputation import Reputation
+from mailmoat.detect.travel import LoginProfile, assess
+from mailmoat.events import Emitter, new_session_id
+from mailmoat.session.commands import BanClient, CheckLogin, Emit
+from mailmoat.state import GetProfile, PutProfile, Store, StoreUnavailable
+
+from .tls import CertStore, TlsError, TlsStream
+from .upstream import BackendPool
+
+BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TlsError)
+RECEIVE_SIZE = 65536
+#: a tarpit never holds a session longer than this per command
+MAX_TARPIT = 60.0
+#: how a session ended that lowers its source's reputation
+REFUSAL_REASONS = frozenset(
+    {
+        "policy_deny",
+        "policy_ban",
+        "pregreet",
+        "non_smtp_command",
+        "pipelining_violation",
+        "starttls_injection",
+        "message_smuggling",
+        "message_bare_newline",
+        "too_many_errors",
+        "line_too_long",
+    }
+)
+
+
+class Session(Protocol):
+    """The calls a driver makes on a protocol session (SmtpSession, ImapSession)."""
+
+    close_reason: str | None
+
+    @property
+    def closed(self) -> bool: ...
+
+    def client_gone(self) -> None: ...
+    def upstream_failed(self, reason: str) -> list[Any]: ...
+    def timed_out(self, side: Any) -> list[Any]: ...
+    def shutdown(self) -> list[Any]: ...
+    def finish(self) -> list[Any]: ...
+    def client_tls_started(self, version: str, cipher: str, sni: str | None) -> list[Any]: ...
+    def client_tls_failed(self, reason: str) -> list[Any]: ...
+    def upstream_tls_started(self, version: str, cipher: str) -> list[Any]: ...
+    def upstream_tls_failed(self, reason: str) -> list[Any]: ...
+    def login_checked(
+        self, facts: LoginFacts, travel: Mapping[str, Any] | None = None, *, blind: bool = False
+    ) -> list[Any]: ...
+
+
+class Service(Protocol):
+    """What the sessions of one listener share (SmtpService, ImapService)."""
+
+    listener: ListenerConfig
+    pool: BackendPool
+    certs: CertStore | None
+    emitter: Emitter
+    store: Store | None
+    detector: LoginDetector | None
+    salt: bytes
+    reputation: Reputation
+    active: set[trio.CancelScope]
+
+    @property
+    def wall_clock(self) -> Callable[[], float]: ...
+
+
+def as_bytes(data: bytes | bytearray) -> bytes:
+    # streams return bytes in practice; copy only if one ever hands us a bytearray
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def peer(stream: trio.SocketStream) -> tuple[str, int]:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return ("unknown", 0)
+    host = str(addr[0])
+    if host.startswith("::ffff:"):
+        host = host[7:]  # an IPv4 client on a dual-stack socket
+    return host, int(addr[1])
+
+
+class ConnectionBase:
+    """State of one proxied connection (tier 3 half of the session)."""
+
+    protocol = ""
+    session: Session
+
+    def __init__(self, service: Service, client: trio.SocketStream) -> None:
+        self.base_service = service
+        self.client: trio.abc.Stream = client
+        self.socket = client.socket
+        self.upstream: trio.abc.Stream | None = None
+        self.id = new_session_id()
+        self.ip, self.port = peer(client)
+        self.started = trio.current_time()
+        self.client_in = self.client_out = self.up_in = self.up_out = 0
+        self.backend_address = ""
+        self.geo: GeoInfo = GeoInfo()
+
+    # ------------------------------------------------------------------ events
+
+    def emit(self, cmd: Emit) -> None:
+        fields: dict[str, Any] = {
+            "session.protocol": self.protocol,
+            "session.listener": self.base_service.listener.name,
+            "client.ip": self.ip,
+            "client.port": self.port,
+        }
+        fields.update(cmd.fields)
+        self.base_service.emitter.emit(
+            cmd.action, fields, kind=cmd.kind, outcome=cmd.outcome, session_id=self.id
+        )
+
+    def store_alert(self, exc: StoreUnavailable) -> None:
+        self.emit(
+            Emit("state.unavailable", {"error.message": str(exc)}, kind="alert", outcome="failure")
+        )
+
+    def ended(self) -> bool:
+        return self.session.closed
+
+    # ------------------------------------------------------------------ state store
+
+    async def connect_facts(self, geoip_lookup: Callable[[str], GeoInfo]) -> tuple[bool, int]:
+        """Is the client banned, its reputation; and its place (``self.geo``)."""
+        service = self.base_service
+        store = service.store
+        banned, reputation = False, 0
+        if store is not None:
+            try:
+                banned = await store.banned(self.ip) is not None
+                if service.detector is not None:
+                    rep = service.reputation
+                    reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
+            except StoreUnavailable as exc:
+                self.store_alert(exc)
+        self.geo = geoip_lookup(self.ip)
+        return banned, reputation
+
+    async def ban(self, cmd: BanClient) -> None:
+        store = self.base_service.store
+        if store is None:
+            return
+        ban = await store.ban(self.ip, cmd.seconds, cmd.reason, cmd.rule_id)
+        await store.run(self.base_service.reputation.note(self.ip, "ban"))
+        self.emit(
+            Emit(
+                "client.ban",
+                {
+                    "ban.seconds": round(store.remaining(ban), 1),
+                    "ban.reason": cmd.reason,
+                    "rule.id": cmd.rule_id,
+                },
+                kind="verdict",
+                outcome="success",
+            )
+        )
+
+    async def check_login(self, cmd: CheckLogin) -> list[Any]:
+        service = self.base_service
+        detector = service.detector
+        if detector is None:
+            return self.session.login_checked(LoginFacts())
+        fingerprint = None
+        if cmd.fingerprint is not None and not cmd.success and service.salt:
+            fingerprint = cmd.fingerprint(service.salt)
+        ops = detector.ops(self.ip, cmd.user, cmd.success, fingerprint)
+        profile_key = f"login:profile:{cmd.user.casefold()}"
+        if cmd.success:
+            ops.append(GetProfile(profile_key))
+        else:
+            ops += service.reputation.note(self.ip, "failure")
+        travel: dict[str, Any] | None = None
+        try:
+            results = await detector.store.run(ops)
+            facts = detector.facts(results)
+            if cmd.success and cmd.user:
+                travel = await self.assess_travel(profile_key, results[len(ops) - 1])
+        except StoreUnavailable as exc:
+            self.store_alert(exc)
+            facts = LoginFacts()
+        blind = bool(getattr(detector.store, "blind", False))
+        return self.session.login_checked(facts, travel, blind=blind)
+
+    async def assess_travel(self, key: str, stored: object) -> dict[str, Any]:
+        """Impossible travel and new country / AS for a successful login (needs [geoip])."""
+        store = self.base_service.store
+        assert store is not None
+        try:
+            profile = LoginProfile.from_dict(stored) if isinstance(stored, dict) else None
+        except ValueError:
+            profile = None
+        assessment, updated = assess(profile, self.geo, "", self.base_service.wall_clock())
+        await store.run([PutProfile(key, updated.to_dict(), 180 * 86400.0)])
+        return assessment.fields()
+
+    async def note_refusal(self) -> None:
+        """A session refused for cause lowers its source's reputation."""
+        service = self.base_service
+        store = service.store
+        if (
+            store is None
+            or service.detector is None
+            or self.session.close_reason not in REFUSAL_REASONS
+        ):
+            return
+        with contextlib.suppress(StoreUnavailable):
+            await store.run(service.reputation.note(self.ip, "refusal"))
+
+    # ------------------------------------------------------------------ streams
+
+    async def send_client(self, data: bytes) -> None:
+        try:
+            await self.client.send_all(data)
+            self.client_out += len(data)
+        except BROKEN:
+            self.session.client_gone()
+
+    async def send_upstream(self, data: bytes) -> list[Any]:
+        assert self.upstream is not None
+        try:
+            with trio.fail_after(self.base_service.pool.config.command_timeout):
+                await self.upstream.send_all(data)
+        except BROKEN:
+            return self.session.upstream_failed("backend_closed")
+        except trio.TooSlowError:
+            return self.session.timed_out("upstream")
+        self.up_out += len(data)
+        return []
+
+    async def client_handshake(self) -> list[Any]:
+        certs = self.base_service.certs
+        assert certs is not None
+        tls = TlsStream(self.client, certs.context, server_side=True)
+        try:
+            with trio.fail_after(self.base_service.listener.tls_handshake_timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            return self.session.client_tls_failed("handshake timeout")
+        except TlsError as exc:
+            return self.session.client_tls_failed(exc.reason)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return self.session.client_tls_failed("connection closed during handshake")
+        self.client = tls
+        return self.session.client_tls_started(tls.version or "", tls.cipher or "", tls.server_name)
+
+    async def upstream_handshake(self) -> list[Any]:
+        assert self.upstream is not None
+        try:
+            tls = await self.base_service.pool.start_tls(self.upstream)
+        except TlsError as exc:
+            return self.session.upstream_tls_failed(exc.reason)
+        except trio.BrokenResourceError:
+            return self.session.upstream_tls_failed("connection closed during handshake")
+        self.upstream = tls
+        return self.session.upstream_tls_started(tls.version or "", tls.cipher or "")
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            for stream in (self.upstream, self.client):
+                if stream is not None:
+                    with contextlib.suppress(*BROKEN):
+                        await stream.aclose()
+
+    # ------------------------------------------------------------------ per protocol
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    async def execute(self, commands: list[Any]) -> None:
+        raise NotImplementedError
+
+    async def on_drain_deadline(self) -> None:
+        """The drain deadline passed with the session still open: say goodbye if we can."""
+        await self.execute(self.session.shutdown())
+
+    def emit_close(self) -> None:
+        raise NotImplementedError
+
+
+async def serve_connection(conn: ConnectionBase, unavailable: bytes) -> None:
+    """Run one connection from accept to close: the per-connection error boundary.
+
+    The one broad ``except``: it logs with the session id, emits
+    ``internal_error`` and closes; it never echoes exception text to the peer
+    (``unavailable`` is the protocol's fixed "service not available" line).
+    """
+    service = conn.base_service
+    scope = trio.CancelScope()
+    service.active.add(scope)
+    try:
+        with scope:
+            await conn.run()
+        if scope.cancelled_caught and not conn.session.closed:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await conn.on_drain_deadline()
+    except Exception as exc:  # noqa: BLE001 - the per-connection error boundary
+        conn.session.close_reason = "internal_error"
+        conn.emit(
+            Emit(
+                "internal_error",
+                {"error.type": type(exc).__name__, "error.message": str(exc)[:500]},
+                kind="alert",
+                outcome="failure",
+            )
+        )
+        with trio.CancelScope(shield=True), trio.move_on_after(1), contextlib.suppress(*BROKEN):
+            await conn.client.send_all(unavailable)
+    finally:
+        service.active.discard(scope)
+        await conn.close()
+        with trio.CancelScope(shield=True):
+            try:
+                await conn.note_refusal()
+                await conn.execute(conn.session.finish())
+            except Exception as exc:  # noqa: BLE001 - same boundary, after the close
+                conn.emit(
+                    Emit(
+                        "internal_error",
+                        {"error.type": type(exc).__name__, "error.message": str(exc)[:500]},
+                        kind="alert",
+                        outcome="failure",
+                    )
+                )
+        conn.emit_close()
