@@ -17,11 +17,12 @@ never holds a password, so neither do the events.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final, final
 
 from mailmoat.policy import PASS, EvalCache, RuleHolder, Verdict
 
-from .commands import Emit
+from .commands import Close, Emit, SendToClient
 
 #: phases with no command to refuse: ``reject`` there ends the session like ``deny``
 SESSION_PHASES: Final = frozenset({"connect", "tls", "close"})
@@ -127,3 +128,62 @@ class Judge:
                 )
             )
         return out
+
+
+class PolicySession:
+    """The connect and close phases, the same for every protocol's session.
+
+    A session sets ``judge``, ``close_reason`` and :attr:`BANNED_REPLY` and
+    implements ``_apply`` (run a phase, carry out its verdict) and ``_close``.
+    """
+
+    judge: Judge
+    close_reason: str | None
+    #: what a banned client gets instead of the greeting
+    BANNED_REPLY: bytes = b""
+
+    def _apply(self, phase: str, out: list[Any], *, greet: bool = True) -> bool:
+        raise NotImplementedError
+
+    def _close(self, out: list[Any], reason: str) -> None:
+        raise NotImplementedError
+
+    def _connect_phase(
+        self,
+        banned: bool,
+        greet: bool,
+        reputation: int,
+        geo: Mapping[str, Any] | None,
+    ) -> list[Any]:
+        """Rules first (an ``allow`` trusts the session), then the ban list."""
+        out: list[Any] = []
+        client = self.judge.ctx["client"]
+        client.update(banned=banned, reputation=reputation)
+        if geo:
+            client.update(geo)
+        if self._apply("connect", out, greet=greet) or self.judge.trusted or not banned:
+            return out
+        holder = self.judge.holder
+        detect = holder is not None and holder.mode == "detect"
+        out.append(
+            Emit(
+                "client.banned",
+                {"verdict.action": "detect" if detect else "deny"},
+                kind="verdict",
+                outcome="failure",
+            )
+        )
+        if not detect:
+            if greet:
+                out.append(SendToClient(self.BANNED_REPLY))
+            self._close(out, "banned")
+        return out
+
+    def _close_phase(self) -> list[Any]:
+        """The close phase, once the session is over (bans for how it ended)."""
+        out: list[Any] = []
+        if not self.judge.has("close"):
+            return out
+        self.judge.ctx["session"]["close_reason"] = self.close_reason or "unknown"
+        self._apply("close", out)
+        return [c for c in out if not isinstance(c, SendToClient | Close)]

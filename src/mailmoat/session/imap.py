@@ -70,7 +70,7 @@ from mailmoat.protocols.imap import (
 )
 from mailmoat.protocols.sasl import SaslObserver
 
-from ._policy import SESSION_PHASES, Judge
+from ._policy import SESSION_PHASES, Judge, PolicySession
 from .commands import (
     BanClient,
     CheckLogin,
@@ -182,8 +182,10 @@ class ImapSessionConfig:
 
 
 @final
-class ImapSession:
+class ImapSession(PolicySession):
     """One client session, see the module docstring."""
+
+    BANNED_REPLY = B_BANNED
 
     def __init__(
         self,
@@ -282,26 +284,7 @@ class ImapSession:
         geo: Mapping[str, Any] | None = None,
     ) -> list[ImapCommand]:
         """The connect phase (see SmtpSession.start)."""
-        out: list[ImapCommand] = []
-        self.judge.ctx["client"].update(banned=banned, reputation=reputation)
-        if geo:
-            self.judge.ctx["client"].update(geo)
-        if self._apply("connect", out, greet=greet) or self.judge.trusted or not banned:
-            return out
-        detect = self.judge.holder is not None and self.judge.holder.mode == "detect"
-        out.append(
-            Emit(
-                "client.banned",
-                {"verdict.action": "detect" if detect else "deny"},
-                kind="verdict",
-                outcome="failure",
-            )
-        )
-        if not detect:
-            if greet:
-                out.append(SendToClient(B_BANNED))
-            self._close(out, "banned")
-        return out
+        return self._connect_phase(banned, greet, reputation, geo)
 
     def receive_upstream(self, data: bytes) -> list[ImapCommand]:
         out: list[ImapCommand] = []
@@ -470,12 +453,7 @@ class ImapSession:
 
     def finish(self) -> list[ImapCommand]:
         """The close phase (bans for how the session ended)."""
-        out: list[ImapCommand] = []
-        if not self.judge.has("close"):
-            return out
-        self.judge.ctx["session"]["close_reason"] = self.close_reason or "unknown"
-        self._apply("close", out)
-        return [c for c in out if not isinstance(c, SendToClient | Close)]
+        return self._close_phase()
 
     # ------------------------------------------------------------------ backend
 

@@ -71,7 +71,7 @@ from mailmoat.protocols.smtp import (
 )
 from mailmoat.protocols.xclient import UNAVAILABLE, format_xclient, xclient_addr
 
-from ._policy import SESSION_PHASES, Judge
+from ._policy import SESSION_PHASES, Judge, PolicySession
 from .commands import (
     BanClient,
     CheckLogin,
@@ -223,8 +223,10 @@ class SmtpSessionConfig:
 
 
 @final
-class SmtpSession:
+class SmtpSession(PolicySession):
     """One client session, see the module docstring."""
+
+    BANNED_REPLY = R_BANNED
 
     def __init__(
         self,
@@ -1005,26 +1007,7 @@ class SmtpSession:
         gets a 554 (only when ``greet``; on an implicit-TLS port nothing can
         be said before the handshake) and the session ends.
         """
-        out: list[SessionCommand] = []
-        self.judge.ctx["client"].update(banned=banned, reputation=reputation)
-        if geo:
-            self.judge.ctx["client"].update(geo)
-        if self._apply("connect", out, greet=greet) or self.judge.trusted or not banned:
-            return out
-        detect = self.judge.holder is not None and self.judge.holder.mode == "detect"
-        out.append(
-            Emit(
-                "client.banned",
-                {"verdict.action": "detect" if detect else "deny"},
-                kind="verdict",
-                outcome="failure",
-            )
-        )
-        if not detect:
-            if greet:
-                out.append(SendToClient(R_BANNED))
-            self._close(out, "banned")
-        return out
+        return self._connect_phase(banned, greet, reputation, geo)
 
     def _apply(self, phase: str, out: list[SessionCommand], *, greet: bool = True) -> bool:
         """Evaluate ``phase``; carry out the verdict. True when the command or
@@ -1131,13 +1114,8 @@ class SmtpSession:
 
     def finish(self) -> list[SessionCommand]:
         """The close phase, once the session is over (bans for how it ended)."""
-        out: list[SessionCommand] = []
-        if not self.judge.has("close"):
-            return out
-        self.judge.ctx["session"]["close_reason"] = self.close_reason or "unknown"
         self._smtp["errors"] = self.errors
-        self._apply("close", out)
-        return [c for c in out if not isinstance(c, SendToClient | Close)]
+        return self._close_phase()
 
     # ------------------------------------------------------------------ helpers
 
