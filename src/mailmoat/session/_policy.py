@@ -18,7 +18,7 @@ never holds a password, so neither do the events.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final, final
+from typing import Any, Final, Literal, final
 
 from mailmoat.policy import PASS, EvalCache, RuleHolder, Verdict
 
@@ -141,12 +141,66 @@ class PolicySession:
     close_reason: str | None
     #: what a banned client gets instead of the greeting
     BANNED_REPLY: bytes = b""
+    #: what a client silent for too long gets before the close
+    TIMEOUT_REPLY: bytes = b""
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
 
     def _apply(self, phase: str, out: list[Any], *, greet: bool = True) -> bool:
         raise NotImplementedError
 
     def _close(self, out: list[Any], reason: str) -> None:
         raise NotImplementedError
+
+    def _fail_upstream(
+        self,
+        out: list[Any],
+        reason: str,
+        *,
+        detail: str | None = None,
+        already_alerted: bool = False,
+    ) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ failures
+
+    def client_tls_failed(self, reason: str) -> list[Any]:
+        out: list[Any] = [
+            Emit("tls.handshake", {"tls.leg": "client", "error.message": reason}, outcome="failure")
+        ]
+        self._close(out, "tls_failed")
+        return out
+
+    def upstream_tls_failed(self, reason: str) -> list[Any]:
+        out: list[Any] = [
+            Emit(
+                "backend.tls_failed",
+                {"tls.leg": "backend", "error.message": reason},
+                kind="alert",
+                outcome="failure",
+            )
+        ]
+        self._fail_upstream(out, "backend_tls_failed", already_alerted=True)
+        return out
+
+    def upstream_failed(self, reason: str) -> list[Any]:
+        """The backend could not be reached or broke mid-session."""
+        out: list[Any] = []
+        self._fail_upstream(out, reason)
+        return out
+
+    def timed_out(self, side: Literal["client", "upstream"]) -> list[Any]:
+        out: list[Any] = []
+        if self.closed:
+            return out
+        if side == "client":
+            out.append(SendToClient(self.TIMEOUT_REPLY))
+            self._close(out, "client_timeout")
+        else:
+            self._fail_upstream(out, "backend_timeout")
+        return out
 
     def _connect_phase(
         self,

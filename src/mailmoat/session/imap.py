@@ -185,6 +185,7 @@ class ImapSessionConfig:
 class ImapSession(PolicySession):
     """One client session, see the module docstring."""
 
+    TIMEOUT_REPLY = B_TIMEOUT
     BANNED_REPLY = B_BANNED
 
     def __init__(
@@ -329,13 +330,6 @@ class ImapSession(PolicySession):
         self._apply("tls", out)
         return out
 
-    def client_tls_failed(self, reason: str) -> list[ImapCommand]:
-        out: list[ImapCommand] = [
-            Emit("tls.handshake", {"tls.leg": "client", "error.message": reason}, outcome="failure")
-        ]
-        self._close(out, "tls_failed")
-        return out
-
     def upstream_tls_started(self, version: str, cipher: str) -> list[ImapCommand]:
         out: list[ImapCommand] = [
             Emit(
@@ -350,38 +344,10 @@ class ImapSession(PolicySession):
         self.state = State.UP_CAPABILITY
         return out
 
-    def upstream_tls_failed(self, reason: str) -> list[ImapCommand]:
-        out: list[ImapCommand] = [
-            Emit(
-                "backend.tls_failed",
-                {"tls.leg": "backend", "error.message": reason},
-                kind="alert",
-                outcome="failure",
-            )
-        ]
-        self._fail_upstream(out, "backend_tls_failed", already_alerted=True)
-        return out
-
-    def upstream_failed(self, reason: str) -> list[ImapCommand]:
-        out: list[ImapCommand] = []
-        self._fail_upstream(out, reason)
-        return out
-
     def client_gone(self) -> None:
         if self.state is not State.CLOSED:
             self.state = State.CLOSED
             self.close_reason = "client_gone"
-
-    def timed_out(self, side: Literal["client", "upstream"]) -> list[ImapCommand]:
-        out: list[ImapCommand] = []
-        if self.state is State.CLOSED:
-            return out
-        if side == "client":
-            out.append(SendToClient(B_TIMEOUT))
-            self._close(out, "client_timeout")
-        else:
-            self._fail_upstream(out, "backend_timeout")
-        return out
 
     def shutdown(self) -> list[ImapCommand]:
         out: list[ImapCommand] = []

@@ -226,6 +226,7 @@ class SmtpSessionConfig:
 class SmtpSession(PolicySession):
     """One client session, see the module docstring."""
 
+    TIMEOUT_REPLY = R_TIMEOUT
     BANNED_REPLY = R_BANNED
 
     def __init__(
@@ -359,13 +360,6 @@ class SmtpSession(PolicySession):
         self._apply("tls", out)
         return out
 
-    def client_tls_failed(self, reason: str) -> list[SessionCommand]:
-        out: list[SessionCommand] = [
-            Emit("tls.handshake", {"tls.leg": "client", "error.message": reason}, outcome="failure")
-        ]
-        self._close(out, "tls_failed")
-        return out
-
     def upstream_tls_started(self, version: str, cipher: str) -> list[SessionCommand]:
         self.upstream_tls_active = True
         out: list[SessionCommand] = [
@@ -378,40 +372,11 @@ class SmtpSession(PolicySession):
         self._greet_client(out)
         return out
 
-    def upstream_tls_failed(self, reason: str) -> list[SessionCommand]:
-        out: list[SessionCommand] = [
-            Emit(
-                "backend.tls_failed",
-                {"tls.leg": "backend", "error.message": reason},
-                kind="alert",
-                outcome="failure",
-            )
-        ]
-        self._fail_upstream(out, "backend_tls_failed", already_alerted=True)
-        return out
-
-    def upstream_failed(self, reason: str) -> list[SessionCommand]:
-        """The backend could not be reached or broke mid-session."""
-        out: list[SessionCommand] = []
-        self._fail_upstream(out, reason)
-        return out
-
     def client_gone(self) -> None:
         """The client connection broke; nothing can be said to it any more."""
         if self.state is not State.CLOSED:
             self.state = State.CLOSED
             self.close_reason = "client_gone"
-
-    def timed_out(self, side: Literal["client", "upstream"]) -> list[SessionCommand]:
-        out: list[SessionCommand] = []
-        if self.state is State.CLOSED:
-            return out
-        if side == "client":
-            out.append(SendToClient(R_TIMEOUT))
-            self._close(out, "client_timeout")
-        else:
-            self._fail_upstream(out, "backend_timeout")
-        return out
 
     def shutdown(self) -> list[SessionCommand]:
         """The node is draining and the grace period is over."""
