@@ -617,3 +617,39 @@ tags = ["ato.impossible_travel"]
     (travel,) = rn.events.find("rule.match", rule__id="G-TRAVEL")
     kmh = travel["verdict.evidence"]["login.travel_kmh"]
     assert 15000 < kmh < 17000, kmh  # ~16 000 km in an hour
+
+
+async def test_credential_stuffing_from_many_addresses(
+    dovecot: DovecotInstance, start_node: StartNode, tmp_path: Path
+) -> None:
+    """One account failing from five loopback addresses: login.distinct_ips_user counts them."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.toml").write_text(
+        """
+[[rule]]
+id = "I-STUFF"
+name = "stuffing"
+phase = "login"
+when = 'auth.result == "failure" && login.distinct_ips_user >= 5'
+action = "log"
+severity = "high"
+"""
+    )
+    rn = await start_node(imap_config(dovecot, rules='[rules]\npaths = ["rules/"]\n'))
+    port = rn.port("imap-open")
+
+    def attempt(source: str) -> bytes:
+        with socket.create_connection(
+            ("127.0.0.1", port), timeout=20, source_address=(source, 0)
+        ) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"a1 LOGIN ceo wrong-" + source.encode() + b"\r\n")
+            return f.readline()
+
+    for n in range(2, 7):
+        assert (await run(attempt, f"127.0.0.{n}")).startswith(b"a1 NO")
+    (m,) = rn.events.find("rule.match", rule__id="I-STUFF")
+    assert m["verdict.evidence"] == {"auth.result": "failure", "login.distinct_ips_user": 5}
+    assert m["client.ip"] == "127.0.0.6"
