@@ -7,9 +7,13 @@ cost little.
     python bench/imap_load.py login --port P --users alice:alicepw,bob:bobpw --count 2000 --conc 20
     python bench/imap_load.py fetch --port P --users bulk:bulkpw --count 24 --conc 6 \\
         --expect-msgs 4 --expect-bytes 33554432 --marker mailmoat-bench-end
+    python bench/imap_load.py login --port P --users alice:alicepw --count 2000 --fail-every 10
 
 ``login``: per session greeting, ``a LOGIN user pass``, wait for the tagged
-OK, ``b LOGOUT``, wait for its tagged OK and for the server to close.
+OK, ``b LOGOUT``, wait for its tagged OK and for the server to close.  With
+``--fail-every N`` every N-th session (session N-1, 2N-1, ...) sends a wrong
+password instead and its LOGIN must be answered with a tagged NO (counted as
+``rejected``); it then logs out the same way.
 
 ``fetch``: greeting, ``a LOGIN``, wait for OK, then pipelined
 ``s SELECT INBOX`` / ``f UID FETCH 1:* BODY.PEEK[]``, after ``f OK``
@@ -54,6 +58,7 @@ class SessionError(Exception):
 class Stats:
     ok: int = 0
     failed: int = 0
+    rejected: int = 0  # sessions whose LOGIN was (as expected) answered NO
     bytes: int = 0
     literals: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
@@ -74,6 +79,7 @@ class Session:
         "line",
         "lit_bytes",
         "lit_left",
+        "no_tag",
         "port",
         "script",
         "sock",
@@ -81,9 +87,16 @@ class Session:
         "tails",
     )
 
-    def __init__(self, index: int, script: list[tuple[bytes, bytes]], deadline: float) -> None:
+    def __init__(
+        self,
+        index: int,
+        script: list[tuple[bytes, bytes]],
+        deadline: float,
+        no_tag: bytes | None = None,
+    ) -> None:
         self.index = index
         self.script = script
+        self.no_tag = no_tag  # the tag that must be answered NO (a wrong password), if any
         self.step = 0
         self.deadline = deadline
         self.line = bytearray()
@@ -140,6 +153,9 @@ class Session:
                 raise SessionError(f"greeting: {line[:120]!r}")
         elif not line.startswith(tag + b" "):
             return  # untagged or continuation: not what this step waits for
+        elif tag == self.no_tag:
+            if not line.startswith(tag + b" NO"):
+                raise SessionError(f"not_no_{tag.decode()}: {line[:120]!r}")
         elif not line.startswith(tag + b" OK"):
             raise SessionError(f"not_ok_{tag.decode()}: {line[:120]!r}")
         self.step += 1
@@ -186,8 +202,13 @@ def run(args: argparse.Namespace) -> tuple[Stats, float]:
     active: dict[int, Session] = {}
     started = 0
 
+    def wrong(i: int) -> bool:
+        return not fetch and args.fail_every > 0 and i % args.fail_every == args.fail_every - 1
+
     def script(i: int) -> list[tuple[bytes, bytes]]:
         user, password = users[i % len(users)]
+        if wrong(i):
+            password += b"-wrong"
         login = b"a LOGIN " + user + b" " + password + b"\r\n"
         if fetch:
             # LOGOUT only after "f OK": Dovecot 2.3 sometimes closes without flushing the
@@ -209,6 +230,8 @@ def run(args: argparse.Namespace) -> tuple[Stats, float]:
         del active[s.index]
         if exc is None:
             stats.ok += 1
+            if s.no_tag is not None:
+                stats.rejected += 1
             stats.bytes += s.lit_bytes
             stats.literals += len(s.tails)
             return
@@ -222,7 +245,12 @@ def run(args: argparse.Namespace) -> tuple[Stats, float]:
 
     def start() -> None:
         nonlocal started
-        s = Session(started, script(started), time.monotonic() + args.session_timeout)
+        s = Session(
+            started,
+            script(started),
+            time.monotonic() + args.session_timeout,
+            b"a" if wrong(started) else None,
+        )
         started += 1
         active[s.index] = s
         rc = s.sock.connect_ex((args.host, args.port))
@@ -274,12 +302,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--expect-msgs", type=int, default=0, help="fetch: messages in INBOX")
     p.add_argument("--expect-bytes", type=int, default=0, help="fetch: literal bytes per session")
     p.add_argument("--marker", default="mailmoat-bench-end", help="fetch: message end marker")
+    p.add_argument(
+        "--fail-every",
+        type=int,
+        default=0,
+        help="login: every N-th session sends a wrong password and expects NO (0: never)",
+    )
     args = p.parse_args(argv)
     addr = ipaddress.ip_address(args.host)
     if not (addr.version == 4 and addr.is_loopback):
         p.error(f"refusing target {args.host}: only IPv4 loopback")
     if not (1 <= args.count <= 1_000_000 and 1 <= args.conc <= 1000):
         p.error("--count must be 1..1000000 and --conc 1..1000")
+    if not 0 <= args.fail_every <= 1_000_000:
+        p.error("--fail-every must be 0..1000000")
+    if args.mode == "fetch" and args.fail_every:
+        p.error("--fail-every is for login only")
     if args.mode == "fetch" and (args.expect_msgs < 1 or args.expect_bytes < 1):
         p.error("fetch needs --expect-msgs and --expect-bytes")
     return args
@@ -294,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "conc": args.conc,
         "ok": stats.ok,
         "failed": stats.failed,
+        "rejected": stats.rejected,
         "elapsed_s": round(elapsed, 4),
         "bytes": stats.bytes,
         "literals": stats.literals,

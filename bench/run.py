@@ -27,6 +27,17 @@ Sections (``--only NAME[,NAME]``; ``--list`` shows them):
   of Dovecot's processes for the direct row, the proxy otherwise) and of
   Dovecot, then the mailmoat/HAProxy ratios against the goals (logins/s
   >= 0.7, FETCH MiB/s >= 0.8).
+* ``detection`` -- the cost of the login detectors: one private Dovecot, one
+  private ``redis-server`` and three mailmoat instances in front of Dovecot
+  (IMAP, ``tls = "none"``, no rules), identical but for ``[state]``:
+  detection off, on with the memory store, on with Redis; loaded by
+  ``bench/imap_load.py login``: 2000 sessions with every password right at
+  concurrency 20, and 2000 with every 10th LOGIN a wrong password that must be
+  answered NO at concurrency 60 (Dovecot delays each NO ~0.5 s), interleaved.
+  Prints logins/s and mailmoat CPU ms per login of each (and redis-server's
+  CPU, commands and reads per login), and the cost against detection off
+  (``1 - logins_x/logins_off``, ``cpu_x/cpu_off - 1``) against the goals
+  (memory < 15 %, Redis < 30 %).
 
 Every process this script starts runs on 127.0.0.1, is bounded (fixed message
 counts, ``timeout`` on every client run) and is stopped in a ``finally``
@@ -42,6 +53,7 @@ function ``section_x(ctx) -> dict`` registered in :data:`SECTIONS`, using
     python bench/run.py --conc1              # add concurrency-1 rows
     python bench/run.py --only rules         # rule cost; --rules-msgs 2000 --rules-repeats 5
     python bench/run.py --only imap          # --imap-logins 2000 --imap-fetches 24 ...
+    python bench/run.py --only detection     # --detection-logins 2000 --detection-fail-every 10
 """
 
 from __future__ import annotations
@@ -86,6 +98,7 @@ PACKAGES = {
     "smtp-sink": "postfix",
     "haproxy": "haproxy",
     "timeout": "coreutils",
+    "redis-server": "redis-server",
 }
 
 
@@ -299,6 +312,10 @@ class Options:
     imap_msgs: int
     imap_msg_mib: int
     imap_identity: str
+    detection_logins: int
+    detection_conc: int
+    detection_fail_every: int
+    detection_mixed_conc: int
 
 
 @dataclass
@@ -1623,12 +1640,490 @@ def section_imap(ctx: Context) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- detection
+
+# goals: cost of detection against detection off, in logins/s (see docs/benchmarks.md)
+GOAL_DETECTION = {"memory": 0.15, "redis": 0.30}
+DETECTION_SETUPS = ("off", "memory", "redis")  # the three mailmoat instances
+# the loads: "ok" (every password right: the rate) and "mixed" (every N-th wrong: the
+# failure path; Dovecot 2.3 answers a wrong password only after ~0.5 s, see the docs)
+DETECTION_LOADS = ("ok", "mixed")
+
+
+@dataclass
+class DetectionRun:
+    target: str  # "off", "memory" or "redis"
+    load: str  # "ok" or "mixed"
+    repeat: int
+    logins: int
+    rejected: int  # of them, wrong passwords answered NO
+    ok: bool
+    elapsed_s: float
+    logins_per_s: float
+    cpu_ms_per_login: float  # mailmoat
+    dovecot_ms_per_login: float
+    redis_ms_per_login: float  # redis-server, whoever's run it is
+    redis_cmds_per_login: float
+    redis_reads_per_login: float  # socket reads of redis-server: about its round trips
+    client_cpu_s: float
+    error: str = ""
+
+
+@dataclass
+class DetectionRow:
+    target: str
+    load: str
+    runs_ok: int
+    runs: int
+    logins_per_s: float | None
+    cpu_ms_per_login: float | None
+    dovecot_ms_per_login: float | None
+    redis_ms_per_login: float | None
+    redis_cmds_per_login: float | None
+    redis_reads_per_login: float | None
+
+
+def detection_state_config(name: str, redis_url: str) -> str:
+    """The ``[state]`` table of one instance: detection off, memory store or Redis."""
+    if name == "off":
+        return "\n[state]\ndetection = false\n"
+    if name == "memory":
+        return '\n[state]\nbackend = "memory"\n'
+    return f'\n[state]\nbackend = "redis"\nurl = "{redis_url}"\n'
+
+
+def redis_info(host: str, port: int) -> dict[str, str]:
+    """``INFO`` of the bench's own redis-server over a bare socket (RESP inline command)."""
+    try:
+        with socket.create_connection((require_loopback(host), port), 5) as s:
+            s.sendall(b"INFO\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise BenchError(f"redis-server :{port} closed during INFO")
+                data += chunk
+                if not data.startswith(b"$"):
+                    raise BenchError(f"redis-server :{port} INFO: {data[:120]!r}")
+                head, sep, body = data.partition(b"\r\n")
+                if sep and len(body) >= int(head[1:]) + 2:
+                    break
+    except OSError as exc:
+        raise BenchError(f"redis-server :{port} INFO: {exc}") from None
+    info: dict[str, str] = {}
+    for line in body.decode(errors="replace").splitlines():
+        key, colon, value = line.partition(":")
+        if colon and not line.startswith("#"):
+            info[key] = value
+    return info
+
+
+def redis_counters(host: str, port: int) -> tuple[float, float]:
+    """(commands processed, socket reads processed) of redis-server so far."""
+    info = redis_info(host, port)
+    try:
+        return float(info["total_commands_processed"]), float(info["total_reads_processed"])
+    except (KeyError, ValueError):
+        raise BenchError(f"redis-server :{port} INFO has no command/read counters") from None
+
+
+def process_cpu(pid: int) -> Callable[[], float]:
+    """A reader of one process's CPU seconds (bound now, not late like a loop's lambda)."""
+    return lambda: cpu_seconds(pid)
+
+
+def measure_detection(
+    ctx: Context,
+    target: ImapTarget,
+    dovecot_cpu: Callable[[], float],
+    redis_proc: Proc,
+    redis_port: int,
+    load: str,
+    repeat: int,
+) -> DetectionRun:
+    opts = ctx.opts
+    host = opts.host
+    count = opts.detection_logins
+    every = opts.detection_fail_every if load == "mixed" else 0
+    conc = opts.detection_mixed_conc if load == "mixed" else opts.detection_conc
+    expect_no = count // every if every else 0
+    argv = imap_load_argv(ctx, "login", target.port, count, conc, (0, 0))
+    argv += ["--fail-every", str(every)]
+    cmds0, reads0 = redis_counters(host, redis_port)
+    cpu0, dv0, rd0 = target.cpu(), dovecot_cpu(), cpu_seconds(redis_proc.pid)
+    status, wall, client_cpu, out = run_bounded(argv, opts.run_timeout)
+    cpu, dv = target.cpu() - cpu0, dovecot_cpu() - dv0
+    rd = cpu_seconds(redis_proc.pid) - rd0
+    cmds1, reads1 = redis_counters(host, redis_port)
+    # the INFO of the first look is counted in the second one: one command, one read
+    cmds, reads = cmds1 - cmds0 - 1, reads1 - reads0 - 1
+    doc = parse_load_output(out)
+    error = ""
+    if doc is None:
+        error = f"rc={status}, no result: {' '.join(out.split())[:300]}"
+    elif status != 0 or doc.get("failed") or doc.get("ok") != count:
+        error = (
+            f"rc={status}: {doc.get('ok')}/{count} sessions ok, {doc.get('failed')} failed"
+            f" {doc.get('error_kinds')}: {'; '.join(doc.get('errors', [])[:3])}"
+        )
+    elif doc.get("rejected") != expect_no:
+        error = f"{doc.get('rejected')} LOGINs answered NO, expected {expect_no}"
+    elapsed = float(doc["elapsed_s"]) if doc and doc.get("elapsed_s") else wall
+    return DetectionRun(
+        target=target.name,
+        load=load,
+        repeat=repeat,
+        logins=count,
+        rejected=int((doc or {}).get("rejected") or 0),
+        ok=not error,
+        elapsed_s=round(elapsed, 3),
+        logins_per_s=round(count / elapsed, 2),
+        cpu_ms_per_login=round(cpu * 1000 / count, 4),
+        dovecot_ms_per_login=round(dv * 1000 / count, 4),
+        redis_ms_per_login=round(rd * 1000 / count, 4),
+        redis_cmds_per_login=round(cmds / count, 3),
+        redis_reads_per_login=round(reads / count, 3),
+        client_cpu_s=round(client_cpu, 2),
+        error=error,
+    )
+
+
+def summarize_detection(runs: list[DetectionRun]) -> list[DetectionRow]:
+    rows = []
+    for load, name in [(load, name) for load in DETECTION_LOADS for name in DETECTION_SETUPS]:
+        mine = [r for r in runs if r.target == name and r.load == load]
+        if not mine:
+            continue
+        ok = [r for r in mine if r.ok]
+        rows.append(
+            DetectionRow(
+                target=name,
+                load=load,
+                runs_ok=len(ok),
+                runs=len(mine),
+                logins_per_s=median([r.logins_per_s for r in ok]),
+                cpu_ms_per_login=median([r.cpu_ms_per_login for r in ok]),
+                dovecot_ms_per_login=median([r.dovecot_ms_per_login for r in ok]),
+                redis_ms_per_login=median([r.redis_ms_per_login for r in ok]),
+                redis_cmds_per_login=median([r.redis_cmds_per_login for r in ok]),
+                redis_reads_per_login=median([r.redis_reads_per_login for r in ok]),
+            )
+        )
+    return rows
+
+
+def detection_costs(rows: list[DetectionRow], runs: list[DetectionRun]) -> list[dict[str, Any]]:
+    """Per load: ``1 - logins_x/logins_off`` and ``cpu_x/cpu_off - 1`` (mailmoat's CPU per
+    login), of the medians and as the median of the per-repeat ratios; for Redis also the
+    CPU with redis-server's own per login added (for information)."""
+
+    def paired(load: str, name: str, metric: str) -> float | None:
+        values: list[float] = []
+        for rep in sorted({r.repeat for r in runs}):
+            here = [r for r in runs if r.load == load and r.repeat == rep and r.ok]
+            x = [r for r in here if r.target == name]
+            b = [r for r in here if r.target == "off"]
+            if x and b and getattr(b[0], metric):
+                q = getattr(x[0], metric) / getattr(b[0], metric)
+                values.append(1 - q if metric == "logins_per_s" else q - 1)
+        v = median(values)
+        return None if v is None else round(v, 4)
+
+    out: list[dict[str, Any]] = []
+    loads = [load for load in DETECTION_LOADS if any(r.load == load for r in rows)]
+    for load, (name, goal) in [(ld, item) for ld in loads for item in GOAL_DETECTION.items()]:
+        by = {r.target: r for r in rows if r.load == load}
+        base, row = by["off"], by[name]
+        logins = cpu = cpu_with_redis = None
+        if row.logins_per_s is not None and base.logins_per_s:
+            logins = round(1 - row.logins_per_s / base.logins_per_s, 4)
+        if row.cpu_ms_per_login is not None and base.cpu_ms_per_login:
+            cpu = round(row.cpu_ms_per_login / base.cpu_ms_per_login - 1, 4)
+            if name == "redis" and row.redis_ms_per_login is not None:
+                cpu_with_redis = round(
+                    (row.cpu_ms_per_login + row.redis_ms_per_login) / base.cpu_ms_per_login - 1, 4
+                )
+        out.append(
+            {
+                "load": load,
+                "store": name,
+                "goal": goal,
+                "logins_cost": logins,
+                "logins_cost_paired": paired(load, name, "logins_per_s"),
+                # the mixed load's rate is bounded by Dovecot's ~0.5 s per wrong password
+                "logins_met": None if logins is None or load != "ok" else logins < goal,
+                "cpu_cost": cpu,
+                "cpu_cost_paired": paired(load, name, "cpu_ms_per_login"),
+                "cpu_met": None if cpu is None else cpu < goal,
+                "cpu_cost_with_redis_server": cpu_with_redis,
+            }
+        )
+    return out
+
+
+def print_detection_report(
+    rows: list[DetectionRow], costs: list[dict[str, Any]], opts: Options
+) -> None:
+    every = opts.detection_fail_every
+    print(
+        f"\nIMAP logins through mailmoat, detection off / on with the memory store / on with"
+        f" Redis; {opts.detection_logins} x (greeting, LOGIN, LOGOUT); load ok: every password"
+        f" right, conc {opts.detection_conc}"
+        + (
+            f"; load mixed: every {every}th LOGIN a wrong password (NO), conc"
+            f" {opts.detection_mixed_conc} (Dovecot answers those after ~0.5 s)"
+            if every
+            else ""
+        )
+        + f"; medians of {opts.repeats}:"
+    )
+    head = (
+        "load",
+        "detection",
+        "ok",
+        "logins/s",
+        "CPU ms/login",
+        "dovecot ms/login",
+        "redis ms/login",
+        "redis cmds/login",
+        "redis reads/login",
+    )
+    table = [head]
+    for r in rows:
+        table.append(
+            (
+                r.load,
+                r.target,
+                f"{r.runs_ok}/{r.runs}",
+                fmt(r.logins_per_s, 0),
+                fmt(r.cpu_ms_per_login, 3),
+                fmt(r.dovecot_ms_per_login, 3),
+                fmt(r.redis_ms_per_login, 3),
+                fmt(r.redis_cmds_per_login, 2),
+                fmt(r.redis_reads_per_login, 2),
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+    for n, line in enumerate(table):
+        cells = zip(line, widths, strict=True)
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(cells)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    verdict = {True: "MET", False: "NOT met", None: "n/a"}
+    for c in costs:
+        extra = ""
+        if c["cpu_cost_with_redis_server"] is not None:
+            extra = f"; with redis-server's CPU {pct(c['cpu_cost_with_redis_server'])}"
+        print(
+            f"load {c['load']:<5} cost of detection, {c['store']:<6} vs off:"
+            f" logins/s {pct(c['logins_cost'])}"
+            f" (paired per repeat {pct(c['logins_cost_paired'])}) {verdict[c['logins_met']]};"
+            f" CPU/login {pct(c['cpu_cost'])} (paired {pct(c['cpu_cost_paired'])})"
+            f" {verdict[c['cpu_met']]}{extra}; goal < {c['goal'] * 100:.0f} %"
+        )
+
+
+def section_detection(ctx: Context) -> dict[str, Any]:
+    """Detection: IMAP logins/s through mailmoat, detection off / memory store / Redis."""
+    opts = ctx.opts
+    bins = find_binaries(["redis-server", "timeout"])
+    if str(opts.src) not in sys.path:
+        sys.path.insert(0, str(opts.src))
+    try:
+        from mailmoat.demo.dovecot import DovecotError, DovecotInstance, DovecotPorts
+        from mailmoat.demo.dovecot import dovecot_available as have_dovecot
+    except ImportError as exc:
+        raise BenchError(f"cannot import mailmoat.demo.dovecot from {opts.src}: {exc}") from None
+    if not have_dovecot():
+        raise BenchError(
+            "missing dovecot: install with "
+            "`apt-get install dovecot-core dovecot-imapd dovecot-lmtpd`"
+        )
+    if os.geteuid() != 0:
+        raise BenchError("the detection section needs root (the private Dovecot runs as dovecot)")
+    host = opts.host
+    os.chmod(ctx.workdir, 0o711)  # the dovecot user must reach its root below the work dir
+    dv_imap, dv_proxy = free_port(host), free_port(host)
+    dovecot = DovecotInstance(
+        ctx.workdir / "dovecot",
+        DovecotPorts(imap=dv_imap, proxy_imap=dv_proxy),
+        host=host,
+        auth_failure_delay=0,  # wrong passwords answered at once, as right ones
+    )
+    runs: list[DetectionRun] = []
+    problems: list[str] = []
+    redis_keys = ""
+    try:
+        with Stack(ctx.workdir) as stack:
+            try:
+                dovecot.start()
+            except DovecotError as exc:
+                raise BenchError(f"dovecot did not start: {exc}") from None
+            pgid = dovecot.master_pid
+            assert pgid is not None
+
+            def dovecot_cpu() -> float:
+                return group_cpu_seconds(pgid)
+
+            redis_port = free_port(host)
+            redis_dir = ctx.workdir / "redis"
+            redis_dir.mkdir()
+            redis = stack.start(
+                "redis-server",
+                [
+                    bins["redis-server"],
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    host,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(redis_dir),
+                ],
+            )
+            stack.wait_port(redis, host, redis_port)
+            redis_url = f"redis://{host}:{redis_port}/0"
+
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(opts.src), env.get("PYTHONPATH", "")) if p
+            )
+            targets: list[ImapTarget] = []
+            mailmoats: dict[str, Proc] = {}
+            for name in DETECTION_SETUPS:
+                port = free_port(host)
+                data_dir = ctx.workdir / f"data-{name}"
+                data_dir.mkdir()
+                cfg = ctx.workdir / f"mailmoat-{name}.toml"
+                cfg.write_text(
+                    imap_mailmoat_config(host, port, dv_imap, data_dir, "imap-id")
+                    + detection_state_config(name, redis_url)
+                )
+                proc = stack.start(
+                    f"mailmoat-{name}",
+                    [opts.python, "-m", "mailmoat.cli", "run", "-c", str(cfg)],
+                    env=env,
+                )
+                stack.wait_port(proc, host, port)
+                mailmoats[name] = proc
+                targets.append(ImapTarget(name, port, "mailmoat", process_cpu(proc.pid)))
+            ctx.log(
+                f"dovecot pid {pgid} :{dv_imap}, redis-server pid {redis.pid} :{redis_port}, "
+                + ", ".join(
+                    f"mailmoat[{t.name}] pid {mailmoats[t.name].pid} :{t.port}" for t in targets
+                )
+                + f" (work dir {ctx.workdir})"
+            )
+            log_lines0 = len(dovecot.log_lines())
+
+            def check_alive() -> None:
+                for p in stack.procs:
+                    if not p.alive():
+                        raise BenchError(f"{p.name} died during the run: {p.log_tail()}")
+                if not dovecot.is_running():
+                    raise BenchError(f"dovecot died during the run: {dovecot.log_lines()[-5:]}")
+
+            # warm-up: imports, Dovecot's processes, the Redis connection, both login paths
+            for t in targets:
+                argv = imap_load_argv(ctx, "login", t.port, 200, 5, (0, 0))
+                argv += ["--fail-every", str(opts.detection_fail_every)]
+                status, _, _, out = run_bounded(argv, opts.run_timeout)
+                if status != 0:
+                    problems.append(
+                        f"warm-up against {t.name}: rc={status}: " + " ".join(out.split())[:300]
+                    )
+            check_alive()
+            loads = [ld for ld in DETECTION_LOADS if ld == "ok" or opts.detection_fail_every]
+            for rep, load in [(rp, ld) for rp in range(1, opts.repeats + 1) for ld in loads]:
+                # interleaved and rotated per repeat, so drift hits every setup alike
+                shift = (rep - 1) % len(targets)
+                for t in targets[shift:] + targets[:shift]:
+                    r = measure_detection(ctx, t, dovecot_cpu, redis, redis_port, load, rep)
+                    runs.append(r)
+                    ctx.log(
+                        f"repeat {rep}/{opts.repeats} {load:<5} detection={t.name:<6}"
+                        f" {r.logins_per_s:7.1f} logins/s {r.cpu_ms_per_login:6.3f} ms CPU/login"
+                        f" dovecot {r.dovecot_ms_per_login:6.3f} redis"
+                        f" {r.redis_ms_per_login:6.3f} ms {r.redis_cmds_per_login:5.1f} cmds"
+                        f" {r.redis_reads_per_login:5.2f} reads/login"
+                        f" client {r.client_cpu_s:5.2f} s" + ("" if r.ok else f"  FAILED {r.error}")
+                    )
+                    if not r.ok:
+                        problems.append(f"repeat {rep} {load} against {t.name}: {r.error}")
+                    check_alive()
+            redis_keys = redis_info(host, redis_port).get("db0", "")
+            for name, proc in mailmoats.items():
+                tail = proc.log_tail(4000)
+                if "Traceback" in tail or "error" in tail.lower():
+                    problems.append(f"mailmoat[{name}] log: {tail[-600:]}")
+            dv_errors = [
+                line
+                for line in dovecot.log_lines()[log_lines0:]
+                if "Error:" in line or "Fatal:" in line or "Panic:" in line
+            ]
+            if dv_errors:
+                problems.append(
+                    f"dovecot logged {len(dv_errors)} error(s) during the runs, first:"
+                    f" {dv_errors[0]}"
+                )
+    finally:
+        dovecot.stop()
+
+    rows = summarize_detection(runs)
+    # the Redis runs must really have gone to Redis (with on_failure = "open" a failing
+    # Redis is silent here: events are off), and the others must not have
+    for r in runs:
+        if r.target == "redis" and r.redis_cmds_per_login < 1:
+            problems.append(
+                f"repeat {r.repeat} {r.load} against redis: {r.redis_cmds_per_login} Redis"
+                " commands per login: did mailmoat[redis] fall back to its own memory?"
+            )
+        if r.target != "redis" and r.redis_cmds_per_login > 0.01:
+            problems.append(f"repeat {r.repeat} {r.load} against {r.target} sent Redis commands")
+    costs = detection_costs(rows, runs)
+    print_detection_report(rows, costs, opts)
+    if redis_keys:
+        print(f"redis-server db0 after the runs: {redis_keys}")
+    logins = sum(r.logins for r in runs if r.ok)
+    rejected = sum(r.rejected for r in runs if r.ok)
+    if problems:
+        print(f"\nFAILED: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print(
+            f"all {len(runs)} runs ok: {logins} logins through mailmoat, {logins - rejected}"
+            f" tagged OK and {rejected} (wrong password) tagged NO, as expected"
+        )
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "rows": [asdict(r) for r in rows],
+        "costs": costs,
+        "runs": [asdict(r) for r in runs],
+        "setup": {
+            "logins": opts.detection_logins,
+            "conc": opts.detection_conc,
+            "fail_every": opts.detection_fail_every,
+            "mixed_conc": opts.detection_mixed_conc,
+            "client_identity": "imap-id",
+            "redis_db0_after": redis_keys,
+        },
+        "tools": dict(bins) | {"load": str(IMAP_LOAD)},
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "smtp": section_smtp,
     "rules": section_rules,
     "imap": section_imap,
+    "detection": section_detection,
 }
 
 
@@ -1756,6 +2251,31 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         default=os.environ.get("BENCH_IMAP_IDENTITY", "imap-id"),
         help="imap section: mailmoat's backend client_identity (default imap-id)",
     )
+    p.add_argument(
+        "--detection-logins",
+        type=int,
+        default=env_int("BENCH_DETECTION_LOGINS", 2000),
+        help="detection section: login sessions per run (default 2000)",
+    )
+    p.add_argument(
+        "--detection-conc",
+        type=int,
+        default=env_int("BENCH_DETECTION_CONC", 20),
+        help="detection section: concurrent login sessions (default 20)",
+    )
+    p.add_argument(
+        "--detection-fail-every",
+        type=int,
+        default=env_int("BENCH_DETECTION_FAIL_EVERY", 10),
+        help="detection section: mixed load, every N-th login a wrong password;"
+        " 0: no mixed load (default 10)",
+    )
+    p.add_argument(
+        "--detection-mixed-conc",
+        type=int,
+        default=env_int("BENCH_DETECTION_MIXED_CONC", 60),
+        help="detection section: concurrent sessions of the mixed load (default 60)",
+    )
     a = p.parse_args(argv)
     if a.list:
         for name, fn in SECTIONS.items():
@@ -1782,6 +2302,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         "imap_fetch_conc",
         "imap_msgs",
         "imap_msg_mib",
+        "detection_logins",
+        "detection_conc",
+        "detection_mixed_conc",
     ):
         if getattr(a, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
@@ -1797,6 +2320,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         or a.imap_fetch_conc > 100
         or a.imap_msgs > 64
         or a.imap_msg_mib > 64
+        or a.detection_logins > 1_000_000
+        or a.detection_conc > 1000
+        or a.detection_mixed_conc > 1000
+        or not 0 <= a.detection_fail_every <= 1_000_000
     ):
         raise BenchError("refusing unbounded-looking sizes (msgs or --run-timeout too large)")
     opts = Options(
@@ -1823,6 +2350,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         imap_msgs=a.imap_msgs,
         imap_msg_mib=a.imap_msg_mib,
         imap_identity=a.imap_identity,
+        detection_logins=a.detection_logins,
+        detection_conc=a.detection_conc,
+        detection_fail_every=a.detection_fail_every,
+        detection_mixed_conc=a.detection_mixed_conc,
     )
     return opts, only
 
