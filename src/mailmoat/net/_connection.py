@@ -300,8 +300,27 @@ class ConnectionBase:
         """The drain deadline passed with the session still open: say goodbye if we can."""
         await self.execute(self.session.shutdown())
 
+    #: close reasons that count as a normal end of session
+    CLEAN_CLOSES: frozenset[str] = frozenset({"client_closed"})
+
+    def close_fields(self) -> dict[str, Any]:
+        """The protocol's own fields of the ``session.close`` event."""
+        return {}
+
     def emit_close(self) -> None:
-        raise NotImplementedError
+        reason = self.session.close_reason
+        fields: dict[str, Any] = {
+            "session.close_reason": reason or "unknown",
+            "session.duration_ms": round((trio.current_time() - self.started) * 1000, 1),
+            "client.bytes": self.client_in,
+            "server.bytes": self.client_out,
+            "backend.address": self.backend_address,
+            "backend.bytes_sent": self.up_out,
+            "backend.bytes_received": self.up_in,
+        }
+        fields.update(self.close_fields())
+        outcome = "success" if reason in self.CLEAN_CLOSES else "failure"
+        self.emit(Emit("session.close", fields, outcome=outcome))
 
 
 async def serve_connection(conn: ConnectionBase, unavailable: bytes) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Literal, cast, final
+from typing import Any, Final, Literal, cast, final
 
 import trio
 
@@ -296,28 +296,11 @@ class _Connection(ConnectionBase):
         else:
             await self.execute(self.session.shutdown())
 
-    def emit_close(self) -> None:
+    CLEAN_CLOSES = frozenset({"client_logout", "client_closed"})
+
+    def close_fields(self) -> dict[str, Any]:
         s = self.session
-        self.emit(
-            Emit(
-                "session.close",
-                {
-                    "session.close_reason": s.close_reason or "unknown",
-                    "session.duration_ms": round((trio.current_time() - self.started) * 1000, 1),
-                    "client.bytes": self.client_in,
-                    "server.bytes": self.client_out,
-                    "backend.address": self.backend_address,
-                    "backend.bytes_sent": self.up_out,
-                    "backend.bytes_received": self.up_in,
-                    "imap.commands": s.commands,
-                    "auth.user": s.auth_user,
-                    "tls.active": s.tls_active,
-                },
-                outcome="success"
-                if s.close_reason in ("client_logout", "client_closed")
-                else "failure",
-            )
-        )
+        return {"imap.commands": s.commands, "auth.user": s.auth_user, "tls.active": s.tls_active}
 
 
 async def serve_imap(service: ImapService, stream: trio.SocketStream) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, cast, final
+from typing import Any, Literal, cast, final
 
 import trio
 
@@ -279,28 +279,15 @@ class _Connection(ConnectionBase):
             facts = OutboundFacts()
         return self.session.message_checked(facts)
 
-    def emit_close(self) -> None:
+    CLEAN_CLOSES = frozenset({"client_quit", "client_closed"})
+
+    def close_fields(self) -> dict[str, Any]:
         s = self.session
-        self.emit(
-            Emit(
-                "session.close",
-                {
-                    "session.close_reason": s.close_reason or "unknown",
-                    "session.duration_ms": round((trio.current_time() - self.started) * 1000, 1),
-                    "client.bytes": self.client_in,
-                    "server.bytes": self.client_out,
-                    "backend.address": self.backend_address,
-                    "backend.bytes_sent": self.up_out,
-                    "backend.bytes_received": self.up_in,
-                    "smtp.commands": s.commands,
-                    "smtp.messages": s.messages,
-                    "tls.active": s.tls_active,
-                },
-                outcome="success"
-                if s.close_reason in ("client_quit", "client_closed")
-                else "failure",
-            )
-        )
+        return {
+            "smtp.commands": s.commands,
+            "smtp.messages": s.messages,
+            "tls.active": s.tls_active,
+        }
 
 
 async def serve_smtp(service: SmtpService, stream: trio.SocketStream) -> None:

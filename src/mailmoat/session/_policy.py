@@ -166,6 +166,31 @@ class PolicySession:
 
     # ------------------------------------------------------------------ failures
 
+    def _refuse_injection(self, out: list[Any], reply: bytes, injected: int, preview: str) -> None:
+        """Bytes pipelined behind STARTTLS in the clear: refused, never executed (CVE-2011-0411)."""
+        out.append(SendToClient(reply))
+        out.append(
+            Emit(
+                "tls.starttls_injection",
+                {
+                    "tls.injected_plaintext": injected,
+                    "tls.injected_preview": preview,
+                    "message": "commands pipelined after STARTTLS in plaintext: "
+                    "possible on-path attacker between client and mailmoat",
+                },
+                kind="alert",
+                outcome="failure",
+            )
+        )
+        self._close(out, "starttls_injection")
+
+    def _backend_alert(
+        self, out: list[Any], action: str, fields: Mapping[str, Any], reason: str
+    ) -> None:
+        """The backend misbehaved: an alert for the analyst, then 421/BYE and close."""
+        out.append(Emit(action, fields, kind="alert", outcome="failure"))
+        self._fail_upstream(out, reason, already_alerted=True)
+
     def client_tls_failed(self, reason: str) -> list[Any]:
         out: list[Any] = [
             Emit("tls.handshake", {"tls.leg": "client", "error.message": reason}, outcome="failure")
@@ -174,15 +199,9 @@ class PolicySession:
         return out
 
     def upstream_tls_failed(self, reason: str) -> list[Any]:
-        out: list[Any] = [
-            Emit(
-                "backend.tls_failed",
-                {"tls.leg": "backend", "error.message": reason},
-                kind="alert",
-                outcome="failure",
-            )
-        ]
-        self._fail_upstream(out, "backend_tls_failed", already_alerted=True)
+        out: list[Any] = []
+        fields = {"tls.leg": "backend", "error.message": reason}
+        self._backend_alert(out, "backend.tls_failed", fields, "backend_tls_failed")
         return out
 
     def upstream_failed(self, reason: str) -> list[Any]:

@@ -442,26 +442,20 @@ class ImapSession(PolicySession):
             case State.UP_STARTTLS:
                 if isinstance(ev, Tagged) and ev.tag == OWN_TAG_TLS:
                     if ev.status != "OK":
-                        out.append(
-                            Emit(
-                                "backend.starttls_refused",
-                                {"imap.reply": ev.raw[:512]},
-                                kind="alert",
-                                outcome="failure",
-                            )
+                        self._backend_alert(
+                            out,
+                            "backend.starttls_refused",
+                            {"imap.reply": ev.raw[:512]},
+                            "backend_starttls_refused",
                         )
-                        self._fail_upstream(out, "backend_starttls_refused", already_alerted=True)
                         return
                     if self.responses.buffered:
-                        out.append(
-                            Emit(
-                                "backend.starttls_injection",
-                                {"tls.injected_bytes": len(self.responses.buffered)},
-                                kind="alert",
-                                outcome="failure",
-                            )
+                        self._backend_alert(
+                            out,
+                            "backend.starttls_injection",
+                            {"tls.injected_bytes": len(self.responses.buffered)},
+                            "backend_starttls_injection",
                         )
-                        self._fail_upstream(out, "backend_starttls_injection", already_alerted=True)
                         return
                     self.responses = ResponseReader(self.config.limits)
                     self.state = State.UP_TLS
@@ -469,15 +463,12 @@ class ImapSession(PolicySession):
             case State.UP_ID:
                 if isinstance(ev, Tagged) and ev.tag == OWN_TAG_ID:
                     if ev.status != "OK":
-                        out.append(
-                            Emit(
-                                "backend.id_refused",
-                                {"imap.reply": ev.raw[:512]},
-                                kind="alert",
-                                outcome="failure",
-                            )
+                        self._backend_alert(
+                            out,
+                            "backend.id_refused",
+                            {"imap.reply": ev.raw[:512]},
+                            "backend_id_refused",
                         )
-                        self._fail_upstream(out, "backend_id_refused", already_alerted=True)
                         return
                     self._greet_client(out)
                 # the untagged "* ID (...)" answer is Dovecot's, not the client's business
@@ -761,21 +752,7 @@ class ImapSession(PolicySession):
             # RFC 9051 §6.2.1 / CVE-2011-0411 class: bytes after STARTTLS in the
             # clear would run inside TLS; never execute them.
             self.reader.discard_buffer()
-            out.append(SendToClient(B_INJECTION))
-            out.append(
-                Emit(
-                    "tls.starttls_injection",
-                    {
-                        "tls.injected_plaintext": len(injected),
-                        "tls.injected_preview": _preview(injected),
-                        "message": "commands pipelined after STARTTLS in plaintext: "
-                        "possible on-path attacker between client and mailmoat",
-                    },
-                    kind="alert",
-                    outcome="failure",
-                )
-            )
-            self._close(out, "starttls_injection")
+            self._refuse_injection(out, B_INJECTION, len(injected), _preview(injected))
             return
         out.append(SendToClient(cmd.tag + b" OK Begin TLS negotiation now\r\n"))
         out.append(StartClientTls())

@@ -412,41 +412,32 @@ class SmtpSession(PolicySession):
             case State.UP_EHLO:
                 _, exts = parse_ehlo(reply) if reply.code == 250 else (b"", ())
                 if not any(e.keyword == "STARTTLS" for e in exts):
-                    out.append(
-                        Emit(
-                            "backend.starttls_missing",
-                            {"smtp.reply": reply.to_bytes()[:512]},
-                            kind="alert",
-                            outcome="failure",
-                        )
+                    self._backend_alert(
+                        out,
+                        "backend.starttls_missing",
+                        {"smtp.reply": reply.to_bytes()[:512]},
+                        "backend_starttls_missing",
                     )
-                    self._fail_upstream(out, "backend_starttls_missing", already_alerted=True)
                     return
                 out.append(SendToUpstream(format_command("STARTTLS")))
                 self.state = State.UP_STARTTLS
             case State.UP_STARTTLS:
                 if reply.code != 220:
-                    out.append(
-                        Emit(
-                            "backend.starttls_refused",
-                            {"smtp.reply": reply.to_bytes()[:512]},
-                            kind="alert",
-                            outcome="failure",
-                        )
+                    self._backend_alert(
+                        out,
+                        "backend.starttls_refused",
+                        {"smtp.reply": reply.to_bytes()[:512]},
+                        "backend_starttls_refused",
                     )
-                    self._fail_upstream(out, "backend_starttls_refused", already_alerted=True)
                     return
                 if self.replies.buffered:
                     # bytes after the 220 but before the handshake: response injection
-                    out.append(
-                        Emit(
-                            "backend.starttls_injection",
-                            {"tls.injected_bytes": len(self.replies.buffered)},
-                            kind="alert",
-                            outcome="failure",
-                        )
+                    self._backend_alert(
+                        out,
+                        "backend.starttls_injection",
+                        {"tls.injected_bytes": len(self.replies.buffered)},
+                        "backend_starttls_injection",
                     )
-                    self._fail_upstream(out, "backend_starttls_injection", already_alerted=True)
                     return
                 self.replies = ReplyReader(self.config.limits)
                 self.state = State.UP_TLS
@@ -472,15 +463,12 @@ class SmtpSession(PolicySession):
                 # never sees it.  Anything else: the backend does not trust us
                 # to speak for the client -- never relay without the identity.
                 if reply.code != 220 or self._held_hello is None:
-                    out.append(
-                        Emit(
-                            "backend.xclient_refused",
-                            {"smtp.reply": reply.to_bytes()[:512]},
-                            kind="alert",
-                            outcome="failure",
-                        )
+                    self._backend_alert(
+                        out,
+                        "backend.xclient_refused",
+                        {"smtp.reply": reply.to_bytes()[:512]},
+                        "backend_xclient_refused",
                     )
-                    self._fail_upstream(out, "backend_xclient_refused", already_alerted=True)
                     return
                 line, kind = self._held_hello
                 self._held_hello = None
@@ -806,21 +794,7 @@ class SmtpSession(PolicySession):
         injected = self.reader.buffered
         if injected or self._inflight:
             self.reader.discard_buffer()
-            out.append(SendToClient(R_INJECTION))
-            out.append(
-                Emit(
-                    "tls.starttls_injection",
-                    {
-                        "tls.injected_plaintext": len(injected),
-                        "tls.injected_preview": _preview(injected),
-                        "message": "commands pipelined after STARTTLS in plaintext: "
-                        "possible on-path attacker between client and mailmoat",
-                    },
-                    kind="alert",
-                    outcome="failure",
-                )
-            )
-            self._close(out, "starttls_injection")
+            self._refuse_injection(out, R_INJECTION, len(injected), _preview(injected))
             return
         out.append(SendToClient(R_TLS_READY))
         out.append(StartClientTls())
