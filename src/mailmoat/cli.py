@@ -96,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: the machine's Postfix when installed, else the built-in sink",
     )
+    ja4 = sub.add_parser(
+        "ja4",
+        help="fingerprint a TLS ClientHello (JA3, JA4) given as hex",
+        description="Parse a ClientHello from the hex of its TLS record(s), as a server "
+        "receives it (e.g. copied from Wireshark or tcpdump -X), and print its JA3 and JA4 "
+        "fingerprints and a summary.  Whitespace and colons in the hex are ignored; "
+        "'-' reads the hex from stdin.  Exit status 2 when the input is not a ClientHello.",
+    )
+    ja4.add_argument("hex", nargs="+", metavar="HEX", help="hex of the record(s), or - for stdin")
+    ja4.add_argument("--json", action="store_true", help="print one JSON object")
+    ja4.add_argument(
+        "--alpn-convention",
+        choices=("spec", "foxio"),
+        default="spec",
+        help="JA4 characters for an ALPN value that does not start and end with a letter or "
+        "digit: hex as JA4.md says (spec, the default) or 9 as FoxIO's tools print (foxio)",
+    )
     return parser
 
 
@@ -231,6 +248,79 @@ def cmd_run(config_path: str) -> int:
     return 0
 
 
+def _printable(name: str) -> str:
+    """An ALPN name (latin-1) as is when printable ASCII, else as 0x-hex."""
+    if name.isascii() and name.isprintable():
+        return name
+    return "0x" + name.encode("latin-1").hex()
+
+
+def cmd_ja4(hex_args: Sequence[str], as_json: bool, alpn_convention: str) -> int:
+    import json
+
+    from .protocols.tls import (
+        HelloError,
+        HelloIncomplete,
+        fingerprint,
+        is_grease,
+        parse_client_hello,
+    )
+
+    try:  # a UnicodeDecodeError from stdin is a ValueError too
+        text = sys.stdin.read() if list(hex_args) == ["-"] else " ".join(hex_args)
+        data = bytes.fromhex(text.replace(":", ""))
+    except ValueError:
+        print("mailmoat: ja4: not hex (whitespace and colons are allowed)", file=sys.stderr)
+        return 2
+    if not data:
+        print("mailmoat: ja4: no hex given", file=sys.stderr)
+        return 2
+    try:
+        hello = parse_client_hello(data)
+    except HelloIncomplete as exc:
+        print(f"mailmoat: ja4: incomplete ClientHello ({len(data)} bytes): {exc}", file=sys.stderr)
+        return 2
+    except HelloError as exc:
+        print(f"mailmoat: ja4: not a TLS ClientHello: {exc}", file=sys.stderr)
+        return 2
+    fp = fingerprint(hello, alpn_convention="foxio" if alpn_convention == "foxio" else "spec")
+    ciphers = sum(1 for c in hello.cipher_suites if not is_grease(c))
+    extensions = sum(1 for e in hello.extensions if not is_grease(e))
+    grease = len(hello.cipher_suites) - ciphers + len(hello.extensions) - extensions
+    if as_json:
+        summary = {
+            "ja3": fp.ja3,
+            "ja3_string": fp.ja3_string,
+            "ja4": fp.ja4,
+            "ja4_r": fp.ja4_r,
+            "ja4_o": fp.ja4_o,
+            "ja4_ro": fp.ja4_ro,
+            "max_version": hello.max_version or None,
+            "legacy_version": f"0x{hello.legacy_version:04x}",
+            "server_name": hello.server_name,
+            "alpn": list(hello.alpn),
+            "fallback_scsv": hello.fallback_scsv,
+            "cipher_count": ciphers,
+            "extension_count": extensions,
+            "grease_count": grease,
+        }
+        print(json.dumps(summary, indent=2))
+        return 0
+    alpn = ", ".join(_printable(name) for name in hello.alpn) or "-"
+    print(f"JA3:            {fp.ja3}")
+    print(f"JA3 string:     {fp.ja3_string}")
+    print(f"JA4:            {fp.ja4}")
+    print(f"JA4_r:          {fp.ja4_r}")
+    print(f"JA4_o:          {fp.ja4_o}")
+    print(f"JA4_ro:         {fp.ja4_ro}")
+    print(f"max version:    {hello.max_version or 'unknown'}")
+    print(f"SNI:            {hello.server_name or '-'}")
+    print(f"ALPN:           {alpn}")
+    print(f"fallback SCSV:  {'yes' if hello.fallback_scsv else 'no'}")
+    print(f"counts:         {ciphers} cipher suites, {extensions} extensions (+{grease} GREASE)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     match args.command:
@@ -242,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_reload(args.config)
         case "rules":
             return cmd_rules_test(args.rules_path, args.cases, args.mode)
+        case "ja4":
+            return cmd_ja4(args.hex, args.json, args.alpn_convention)
         case "demo":
             from .demo import run_demo
 

@@ -1,0 +1,63 @@
+"""Replay the TLS ClientHello fuzz seed corpus through the harness's entry point.
+
+The harness (fuzz/fuzz_tls_hello.py) carries the oracle; running its seeds
+here keeps the oracle and the corpus working without atheris.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "fuzz" / "corpus" / "tls_hello"
+
+
+def _load_entry() -> Callable[[bytes], None]:
+    spec = importlib.util.spec_from_file_location(
+        "fuzz_tls_hello", ROOT / "fuzz" / "fuzz_tls_hello.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return cast("Callable[[bytes], None]", module.check_input)
+
+
+check_input = _load_entry()
+SEEDS = sorted(CORPUS.iterdir())
+
+
+def test_corpus_is_curated() -> None:
+    assert 5 <= len(SEEDS) <= 20
+    assert all(seed.stat().st_size <= 4096 for seed in SEEDS)
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[seed.name for seed in SEEDS])
+def test_seed(seed: Path) -> None:
+    check_input(seed.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x16",
+        b"\x16\x03",
+        b"\x16\x03\x01\x00\x00",
+        b"\x16\x03\x01\x40\x01",
+        b"\x16\x03\x01\x00\x04\x01\x00\x00\x00",
+        b"\x16\x03\x01\x00\x01\x01",
+        b"\x16\x03\x01\x00\x05\x01\xff\xff\xff\x00",
+        b"\x80",
+        b"\x17\x03\x03\x00\x01\x00",
+    ],
+)
+def test_small_inputs(data: bytes) -> None:
+    check_input(data)
