@@ -381,3 +381,21 @@ def test_examples_in_docs_load(tmp_path: Path) -> None:
     rs = load_rules([write(tmp_path / "examples.toml", block)])
     assert len(rs.rules) >= 6
     assert rs.scoring is not None
+
+
+def test_docs_field_table_matches_schema() -> None:
+    """docs/rules.md lists exactly the schema's fields, with their types and phases."""
+    from mailmoat.policy import FIELDS
+    from mailmoat.policy._fields import PHASES
+
+    doc = (Path(__file__).parent.parent / "docs" / "rules.md").read_text(encoding="utf-8")
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    documented: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) != 5:
+            continue  # another table
+        documented[cells[0].strip("`")] = (cells[1], cells[3])
+    for name, f in FIELDS.items():
+        phases = "all" if f.phases == PHASES else ", ".join(f.phases)
+        assert documented.get(name) == (f.type, phases), name

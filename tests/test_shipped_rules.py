@@ -53,7 +53,8 @@ def copy_rules(tmp_path: Path, *, trusted: bool = False) -> Path:
     target = tmp_path / "rules"
     shutil.copytree(RULES, target, ignore=shutil.ignore_patterns("tests"))
     if trusted:
-        shutil.copy(TRUSTED_CASES / "trusted_networks.txt", target / "lists")
+        for name in ("trusted_networks.txt", "blocked_ja4.txt"):
+            shutil.copy(TRUSTED_CASES / name, target / "lists")
     return target
 
 
@@ -116,6 +117,7 @@ def test_rule_files_are_shipped() -> None:
         "30-smtp-hygiene.toml",
         "40-login-abuse.toml",
         "50-account-takeover.toml",
+        "60-tls-mitm.toml",
     ]
     assert CASE_FILES
 
@@ -124,7 +126,10 @@ def test_shipped_rules_load() -> None:
     rules = load_rules([RULES])
     assert rules.files == tuple(RULE_FILES)
     assert [r.id for r in rules.rules] == shipped_ids()
-    assert all(r.enabled and r.mode == "enforce" for r in rules.rules)
+    assert all(r.enabled for r in rules.rules)
+    # the MITM / downgrade findings ship in detect mode, the rest enforce
+    for r in rules.rules:
+        assert r.mode == ("detect" if r.id.startswith("MM-MITM-") else "enforce"), r.id
     assert rules.scoring is None, "a shipped [scoring] table would clash with the admin's own"
 
 
@@ -188,14 +193,15 @@ def test_shipped_cases_directory_passes() -> None:
     report = run_cases(load_rules([RULES]), CASES)
     check(report)
     assert report.files == tuple(CASE_FILES)
-    # the allow list is empty as shipped, so only its own case set can fire it
-    assert report.unexercised == ("MM-NET-0001",)
+    # the allow and blocked-JA4 lists are empty as shipped: only the fixture cases fire them
+    assert report.unexercised == ("MM-NET-0001", "MM-MITM-0005")
 
 
 def test_trusted_network_cases_pass(tmp_path: Path) -> None:
     report = run_cases(load_rules([copy_rules(tmp_path, trusted=True)]), TRUSTED_CASES)
     check(report)
     assert "MM-NET-0001" not in report.unexercised
+    assert "MM-MITM-0005" not in report.unexercised
 
 
 def test_detect_mode_cases_pass() -> None:
@@ -276,6 +282,8 @@ def test_disabling_any_rule_fails_the_cases(tmp_path: Path, rule_id: str) -> Non
 
 
 BOUNDARY_MUTATIONS = [
+    ("60-tls-mitm.toml", "'auth.result == \"success\" && login.new_ja4'", "'login.new_ja4'"),
+    ("60-tls-mitm.toml", "'auth.result == \"failure\" && tls.shared_ja4'", "'tls.shared_ja4'"),
     ("30-smtp-hygiene.toml", "smtp.rcpt_count > 100", "smtp.rcpt_count > 101"),
     ("30-smtp-hygiene.toml", "smtp.rcpt_count > 100", "smtp.rcpt_count >= 100"),
     ("30-smtp-hygiene.toml", "smtp.errors >= 10", "smtp.errors >= 11"),

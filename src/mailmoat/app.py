@@ -188,7 +188,12 @@ async def run_node(
         store = await open_store(config, memory, emitter, stack)
         node = Node(config, emitter, build_certs(config), rules=holder, store=store)
         detector: LoginDetector | None = LoginDetector(
-            store, window=config.state.login_window, v6_prefix=config.state.v6_prefix
+            store,
+            window=config.state.login_window,
+            v6_prefix=config.state.v6_prefix,
+            shared_ja4_users=config.state.shared_ja4_users,
+            inbound_tls_window=config.state.inbound_tls_window,
+            downgrade_min_logins=config.state.downgrade_min_logins,
         )
         if not config.state.detection:
             detector = None

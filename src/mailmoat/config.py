@@ -170,6 +170,12 @@ class StateConfig:
     snapshot: bool = True
     #: false: no login/reputation/outbound detectors (bans still apply)
     detection: bool = True
+    #: distinct users failing with one non-browser JA4 in login_window: ``tls.shared_ja4``
+    shared_ja4_users: int = 10
+    #: how long port-25 senders' STARTTLS use is remembered (``tls.stripped_inbound``)
+    inbound_tls_window: float = 30 * 86400.0
+    #: encrypted logins of a user on a protocol before ``tls.downgrade`` can fire
+    downgrade_min_logins: int = 3
 
 
 @final
@@ -774,6 +780,9 @@ def _state(ctx: _Ctx, raw: Mapping[str, Any]) -> StateConfig:
             "v6_prefix",
             "snapshot",
             "detection",
+            "shared_ja4_users",
+            "inbound_tls_window",
+            "downgrade_min_logins",
         ),
         t,
     )
@@ -794,7 +803,13 @@ def _state(ctx: _Ctx, raw: Mapping[str, Any]) -> StateConfig:
         ctx.error('url is only used with backend = "redis"', t, key="url")
     on_failure = _choice(ctx, raw, "on_failure", ("open", "closed"), d.on_failure, t)
     ints = {}
-    for key, low in (("max_bans", 1), ("max_keys", 1000), ("v6_prefix", 32)):
+    for key, low in (
+        ("max_bans", 1),
+        ("max_keys", 1000),
+        ("v6_prefix", 32),
+        ("shared_ja4_users", 2),
+        ("downgrade_min_logins", 1),
+    ):
         value = _get(ctx, raw, key, int, getattr(d, key), t)
         if value < low or (key == "v6_prefix" and value > 128):
             limit = "between 32 and 128" if key == "v6_prefix" else f"at least {low}"
@@ -812,6 +827,9 @@ def _state(ctx: _Ctx, raw: Mapping[str, Any]) -> StateConfig:
         v6_prefix=ints["v6_prefix"],
         snapshot=bool(_get(ctx, raw, "snapshot", bool, d.snapshot, t)),
         detection=bool(_get(ctx, raw, "detection", bool, d.detection, t)),
+        shared_ja4_users=ints["shared_ja4_users"],
+        inbound_tls_window=_positive(ctx, raw, "inbound_tls_window", d.inbound_tls_window, t),
+        downgrade_min_logins=ints["downgrade_min_logins"],
     )
 
 

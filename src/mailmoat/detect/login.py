@@ -31,6 +31,8 @@ from typing import Final, final
 
 from mailmoat.state import Count, Distinct, DistinctPeek, Op, Peek, Store, normalize_ip
 
+from .tls import DOWNGRADE_MIN_LOGINS, INBOUND_WINDOW, SHARED_JA4_USERS
+
 DEFAULT_WINDOW: Final = 600.0
 FINGERPRINT_HEX_DIGITS: Final = 8
 
@@ -82,11 +84,22 @@ class LoginDetector:
     """Counts login outcomes in a :class:`~mailmoat.state.Store`; see the module docstring."""
 
     def __init__(
-        self, store: Store, *, window: float = DEFAULT_WINDOW, v6_prefix: int = 64
+        self,
+        store: Store,
+        *,
+        window: float = DEFAULT_WINDOW,
+        v6_prefix: int = 64,
+        shared_ja4_users: int = SHARED_JA4_USERS,
+        inbound_tls_window: float = INBOUND_WINDOW,
+        downgrade_min_logins: int = DOWNGRADE_MIN_LOGINS,
     ) -> None:
         self.store = store
         self.window = window
         self.v6_prefix = v6_prefix
+        #: thresholds of the TLS findings (:mod:`mailmoat.detect.tls`)
+        self.shared_ja4_users = shared_ja4_users
+        self.inbound_tls_window = inbound_tls_window
+        self.downgrade_min_logins = downgrade_min_logins
 
     def ops(self, ip: str, user: str, success: bool, fingerprint: str | None = None) -> list[Op]:
         """The operations recording one login (exposed for batching with other detectors)."""

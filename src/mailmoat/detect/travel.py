@@ -2,8 +2,9 @@
 
 Contract: a :class:`LoginProfile` per user remembers the last successful
 login's place and time, the countries, autonomous systems and JA4
-fingerprints seen recently (each a bounded, most-recent-last list), how
-many successful logins there were and when the first was.  It round-trips
+fingerprints seen recently (each a bounded, most-recent-last list), the TLS
+history per protocol (:mod:`mailmoat.detect.tls`), how many successful
+logins there were and when the first was.  It round-trips
 through a small JSON-able dict (:meth:`LoginProfile.to_dict`,
 :meth:`LoginProfile.from_dict`) so a state store can keep it.
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar, final
 
 from .geo import GeoInfo
+from .tls import ProtocolTls, history_from_dict, history_to_dict
 
 EARTH_RADIUS_KM: Final = 6371.0088
 #: two logins closer in time than this are treated as this far apart
@@ -110,6 +112,8 @@ class LoginProfile:
     ja4s: tuple[str, ...] = ()
     logins: int = 0
     first_seen: float | None = None
+    #: per protocol: TLS versions and plaintext logins (see :mod:`mailmoat.detect.tls`)
+    tls: tuple[ProtocolTls, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; :meth:`from_dict` reads it back."""
@@ -125,6 +129,7 @@ class LoginProfile:
             "ja4": list(self.ja4s),
             "logins": self.logins,
             "first_seen": self.first_seen,
+            "tls": history_to_dict(self.tls),
         }
 
     @classmethod
@@ -159,6 +164,7 @@ class LoginProfile:
             ja4s=_list_of(data, "ja4", str, MAX_JA4),
             logins=logins,
             first_seen=None if first_seen is None else float(first_seen),
+            tls=history_from_dict(data.get("tls")),
         )
 
 

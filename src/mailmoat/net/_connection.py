@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 import trio
 
-from mailmoat.config import ListenerConfig
+from mailmoat.config import Address, ListenerConfig
 from mailmoat.detect import LoginDetector, LoginFacts
 from mailmoat.detect.geo import GeoInfo
 from mailmoat.detect.reputation import Reputation
+from mailmoat.detect.tls import assess_downgrade, remember_tls, shared_ja4, shared_ja4_ops
 from mailmoat.detect.travel import LoginProfile, assess
 from mailmoat.events import Emitter, new_session_id
-from mailmoat.session.commands import BanClient, CheckLogin, Emit
+from mailmoat.protocols.tls import HelloError, fingerprint, parse_client_hello
+from mailmoat.session.commands import BanClient, CheckLogin, ClientHelloFacts, Emit
 from mailmoat.state import GetProfile, PutProfile, Store, StoreUnavailable
 
 from .tls import CertStore, TlsError, TlsStream
@@ -63,12 +66,21 @@ class Session(Protocol):
     def timed_out(self, side: Any) -> list[Any]: ...
     def shutdown(self) -> list[Any]: ...
     def finish(self) -> list[Any]: ...
-    def client_tls_started(self, version: str, cipher: str, sni: str | None) -> list[Any]: ...
-    def client_tls_failed(self, reason: str) -> list[Any]: ...
+    def client_tls_started(
+        self, version: str, cipher: str, sni: str | None, hello: ClientHelloFacts | None = None
+    ) -> list[Any]: ...
+    def client_tls_failed(
+        self, reason: str, hello: ClientHelloFacts | None = None
+    ) -> list[Any]: ...
     def upstream_tls_started(self, version: str, cipher: str) -> list[Any]: ...
     def upstream_tls_failed(self, reason: str) -> list[Any]: ...
     def login_checked(
-        self, facts: LoginFacts, travel: Mapping[str, Any] | None = None, *, blind: bool = False
+        self,
+        facts: LoginFacts,
+        travel: Mapping[str, Any] | None = None,
+        *,
+        blind: bool = False,
+        tls: Mapping[str, Any] | None = None,
     ) -> list[Any]: ...
 
 
@@ -105,6 +117,36 @@ def peer(stream: trio.SocketStream) -> tuple[str, int]:
     return host, int(addr[1])
 
 
+#: login profiles outlive a quiet half year
+PROFILE_TTL = 180 * 86400.0
+
+
+def _profile(stored: object) -> LoginProfile | None:
+    try:
+        return LoginProfile.from_dict(stored) if isinstance(stored, dict) else None
+    except ValueError:
+        return None  # an old or damaged profile starts afresh
+
+
+def hello_facts(record: bytes) -> ClientHelloFacts | None:
+    """Fingerprints of a captured ClientHello; ``None`` if the client sent none."""
+    if not record:
+        return None
+    try:
+        hello = parse_client_hello(record)
+    except HelloError as exc:
+        return ClientHelloFacts(error=str(exc)[:200])
+    fp = fingerprint(hello)
+    return ClientHelloFacts(
+        ja3=fp.ja3,
+        ja4=fp.ja4,
+        ja4_r=fp.ja4_r,
+        fallback_scsv=hello.fallback_scsv,
+        max_version=hello.max_version,
+        alpn=tuple(hello.alpn),
+    )
+
+
 class ConnectionBase:
     """State of one proxied connection (tier 3 half of the session)."""
 
@@ -121,7 +163,10 @@ class ConnectionBase:
         self.started = trio.current_time()
         self.client_in = self.client_out = self.up_in = self.up_out = 0
         self.backend_address = ""
+        self.backend: Address | None = None
         self.geo: GeoInfo = GeoInfo()
+        #: the client's ClientHello, once a handshake ran
+        self.hello: ClientHelloFacts | None = None
 
     # ------------------------------------------------------------------ events
 
@@ -183,6 +228,7 @@ class ConnectionBase:
         )
 
     async def check_login(self, cmd: CheckLogin) -> list[Any]:
+        """Count a login and read the user's history in one round trip; the findings."""
         service = self.base_service
         detector = service.detector
         if detector is None:
@@ -191,33 +237,61 @@ class ConnectionBase:
         if cmd.fingerprint is not None and not cmd.success and service.salt:
             fingerprint = cmd.fingerprint(service.salt)
         ops = detector.ops(self.ip, cmd.user, cmd.success, fingerprint)
-        profile_key = f"login:profile:{cmd.user.casefold()}"
-        if cmd.success:
-            ops.append(GetProfile(profile_key))
-        else:
+        if not cmd.success:
             ops += service.reputation.note(self.ip, "failure")
+        profile_key = f"login:profile:{cmd.user.casefold()}"
+        profile_at = ja4_at = -1
+        if cmd.user:
+            profile_at = len(ops)
+            ops.append(GetProfile(profile_key))
+        ja4 = self.hello.ja4 if self.hello is not None else ""
+        if ja4:
+            ja4_at = len(ops)
+            ops += shared_ja4_ops(ja4, cmd.user, not cmd.success, detector.window)
         travel: dict[str, Any] | None = None
+        tls: dict[str, Any] = {}
         try:
             results = await detector.store.run(ops)
             facts = detector.facts(results)
-            if cmd.success and cmd.user:
-                travel = await self.assess_travel(profile_key, results[len(ops) - 1])
+            if ja4_at >= 0:
+                tls.update(shared_ja4(ja4, results[ja4_at], detector.shared_ja4_users).fields())
+            if profile_at >= 0:
+                profile = _profile(results[profile_at])
+                version = self.client_tls_version()
+                history = profile.tls if profile is not None else ()
+                downgrade = assess_downgrade(
+                    history, self.protocol, version, min_logins=detector.downgrade_min_logins
+                )
+                tls.update(downgrade.fields())
+                if cmd.success:
+                    # a downgraded login never teaches the history: otherwise the
+                    # first stripped login would make the next one look normal
+                    learn = None if downgrade.downgrade else version
+                    travel = await self.remember_login(profile_key, profile, learn, ja4)
         except StoreUnavailable as exc:
             self.store_alert(exc)
             facts = LoginFacts()
         blind = bool(getattr(detector.store, "blind", False))
-        return self.session.login_checked(facts, travel, blind=blind)
+        return self.session.login_checked(facts, travel, blind=blind, tls=tls)
 
-    async def assess_travel(self, key: str, stored: object) -> dict[str, Any]:
-        """Impossible travel and new country / AS for a successful login (needs [geoip])."""
+    def client_tls_version(self) -> str:
+        """The client leg's TLS version, ``""`` while it is plaintext."""
+        client = self.client
+        return client.version or "" if isinstance(client, TlsStream) else ""
+
+    async def remember_login(
+        self, key: str, profile: LoginProfile | None, version: str | None, ja4: str
+    ) -> dict[str, Any]:
+        """A successful login: travel and first-seen facts, and the history that includes it.
+
+        ``version``: the TLS version to remember (``""`` plaintext), ``None`` for none.
+        """
         store = self.base_service.store
         assert store is not None
-        try:
-            profile = LoginProfile.from_dict(stored) if isinstance(stored, dict) else None
-        except ValueError:
-            profile = None
-        assessment, updated = assess(profile, self.geo, "", self.base_service.wall_clock())
-        await store.run([PutProfile(key, updated.to_dict(), 180 * 86400.0)])
+        assessment, updated = assess(profile, self.geo, ja4, self.base_service.wall_clock())
+        if version is not None:
+            updated = replace(updated, tls=remember_tls(updated.tls, self.protocol, version))
+        await store.run([PutProfile(key, updated.to_dict(), PROFILE_TTL)])
         return assessment.fields()
 
     async def note_refusal(self) -> None:
@@ -258,22 +332,29 @@ class ConnectionBase:
         certs = self.base_service.certs
         assert certs is not None
         tls = TlsStream(self.client, certs.context, server_side=True)
+        reason = ""
         try:
             with trio.fail_after(self.base_service.listener.tls_handshake_timeout):
                 await tls.do_handshake()
         except trio.TooSlowError:
-            return self.session.client_tls_failed("handshake timeout")
+            reason = "handshake timeout"
         except TlsError as exc:
-            return self.session.client_tls_failed(exc.reason)
+            reason = exc.reason
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return self.session.client_tls_failed("connection closed during handshake")
+            reason = "connection closed during handshake"
+        self.hello = hello_facts(tls.client_hello)
+        if reason:
+            return self.session.client_tls_failed(reason, self.hello)
         self.client = tls
-        return self.session.client_tls_started(tls.version or "", tls.cipher or "", tls.server_name)
+        return self.session.client_tls_started(
+            tls.version or "", tls.cipher or "", tls.server_name, self.hello
+        )
 
     async def upstream_handshake(self) -> list[Any]:
         assert self.upstream is not None
         try:
-            tls = await self.base_service.pool.start_tls(self.upstream)
+            assert self.backend is not None
+            tls = await self.base_service.pool.start_tls(self.upstream, self.backend)
         except TlsError as exc:
             return self.session.upstream_tls_failed(exc.reason)
         except trio.BrokenResourceError:

@@ -141,6 +141,7 @@ class _Connection(ConnectionBase):
         try:
             self.upstream, address = await self.service.pool.connect(self.proxy_header())
             self.backend_address = str(address)
+            self.backend = address
         except BackendUnavailable as exc:
             await self.execute(self.session.upstream_failed("backend_unavailable"))
             self.emit(Emit("backend.failure", {"error.message": str(exc)}, outcome="failure"))

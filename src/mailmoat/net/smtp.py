@@ -23,6 +23,7 @@ from mailmoat.detect import LoginDetector
 from mailmoat.detect.geo import GeoIP
 from mailmoat.detect.outbound import Outbound, OutboundFacts
 from mailmoat.detect.reputation import Reputation
+from mailmoat.detect.tls import inbound_facts, inbound_ops, sender_network
 from mailmoat.events import Emitter, wall_clock
 from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
@@ -31,6 +32,7 @@ from mailmoat.session.smtp import (
     R_UNAVAILABLE,
     Awaiting,
     BanClient,
+    CheckInbound,
     CheckLogin,
     CheckMessage,
     Close,
@@ -97,6 +99,7 @@ class SmtpService:
             limits=SmtpLimits(
                 max_command_line=lim.max_command_line, max_text_line=lim.max_text_line
             ),
+            inbound_tls=self.detector is not None,
         )
 
 
@@ -148,6 +151,7 @@ class _Connection(ConnectionBase):
         try:
             self.upstream, address = await self.service.pool.connect(self.proxy_header())
             self.backend_address = str(address)
+            self.backend = address
             if isinstance(self.upstream, TlsStream):  # implicit TLS to the backend
                 self.emit(
                     Emit(
@@ -255,6 +259,8 @@ class _Connection(ConnectionBase):
                     commands[i + 1 : i + 1] = await self.check_login(cmd)
                 case CheckMessage():
                     commands[i + 1 : i + 1] = await self.check_message(cmd)
+                case CheckInbound():
+                    commands[i + 1 : i + 1] = await self.check_inbound(cmd)
             i += 1
 
     async def check_message(self, cmd: CheckMessage) -> list[SessionCommand]:
@@ -278,6 +284,20 @@ class _Connection(ConnectionBase):
             )
             facts = OutboundFacts()
         return self.session.message_checked(facts)
+
+    async def check_inbound(self, cmd: CheckInbound) -> list[SessionCommand]:
+        """Count whether this sender used STARTTLS (per domain and network)."""
+        detector = self.service.detector
+        if detector is None:
+            return self.session.inbound_checked({})
+        tls = self.session.tls_active
+        ops = inbound_ops(cmd.domain, sender_network(self.ip), tls, detector.inbound_tls_window)
+        try:
+            facts = inbound_facts(await detector.store.run(ops), tls)
+        except StoreUnavailable as exc:
+            self.store_alert(exc)
+            return self.session.inbound_checked({})
+        return self.session.inbound_checked(facts.fields())
 
     CLEAN_CLOSES = frozenset({"client_quit", "client_closed"})
 

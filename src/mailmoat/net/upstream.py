@@ -85,17 +85,25 @@ class BackendPool:
                     await trio.aclose_forcefully(stream)
                     continue
             if self.config.tls == "implicit":
-                stream = await self.start_tls(stream)
+                stream = await self.start_tls(stream, address)
             return stream, address
         raise BackendUnavailable(attempts)
 
-    async def start_tls(self, stream: trio.abc.Stream) -> TlsStream:
+    async def start_tls(self, stream: trio.abc.Stream, address: Address) -> TlsStream:
+        """The client-side handshake to ``address``.
+
+        The certificate must name ``server_name`` or, when that is not set,
+        the host mailmoat connected to (a name, or an IP literal matched
+        against the certificate's IP addresses); a pin replaces both.
+        Without a name check, any certificate a trusted CA issued to anyone
+        would let an on-path box read the relayed credentials.
+        """
         assert self.tls_context is not None
         tls = TlsStream(
             stream,
             self.tls_context,
             server_side=False,
-            server_hostname=self.config.server_name,
+            server_hostname=self.config.server_name or address.host,
         )
         try:
             with trio.fail_after(self.config.connect_timeout):

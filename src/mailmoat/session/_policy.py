@@ -22,7 +22,7 @@ from typing import Any, Final, Literal, final
 
 from mailmoat.policy import PASS, EvalCache, RuleHolder, Verdict
 
-from .commands import Close, Emit, SendToClient
+from .commands import ClientHelloFacts, Close, Emit, SendToClient
 
 #: phases with no command to refuse: ``reject`` there ends the session like ``deny``
 SESSION_PHASES: Final = frozenset({"connect", "tls", "close"})
@@ -175,6 +175,7 @@ class PolicySession:
                 {
                     "tls.injected_plaintext": injected,
                     "tls.injected_preview": preview,
+                    "event.severity": "high",
                     "message": "commands pipelined after STARTTLS in plaintext: "
                     "possible on-path attacker between client and mailmoat",
                 },
@@ -187,14 +188,54 @@ class PolicySession:
     def _backend_alert(
         self, out: list[Any], action: str, fields: Mapping[str, Any], reason: str
     ) -> None:
-        """The backend misbehaved: an alert for the analyst, then 421/BYE and close."""
-        out.append(Emit(action, fields, kind="alert", outcome="failure"))
+        """The backend misbehaved: a critical alert for the analyst, then 421/BYE and close.
+
+        Every caller fires before any credential has been relayed: the backend
+        leg is secured (or found tampered with) before the client is greeted.
+        """
+        out.append(
+            Emit(action, {**fields, "event.severity": "critical"}, kind="alert", outcome="failure")
+        )
         self._fail_upstream(out, reason, already_alerted=True)
 
-    def client_tls_failed(self, reason: str) -> list[Any]:
-        out: list[Any] = [
-            Emit("tls.handshake", {"tls.leg": "client", "error.message": reason}, outcome="failure")
-        ]
+    def _client_tls(
+        self, version: str, cipher: str, sni: str | None, hello: ClientHelloFacts | None
+    ) -> Emit:
+        """Fill the ``tls.*`` context of a finished client handshake; its event."""
+        tls = self.judge.ctx["tls"]
+        tls.update(active=True, version=version, cipher=cipher, sni=sni or "")
+        fields: dict[str, Any] = {
+            "tls.version": version,
+            "tls.cipher": cipher,
+            "tls.sni": sni,
+            "tls.leg": "client",
+        }
+        if hello is not None:
+            tls.update(hello.context())
+            fields.update(hello.event_fields())
+        return Emit("tls.handshake", fields, outcome="success")
+
+    def client_tls_failed(self, reason: str, hello: ClientHelloFacts | None = None) -> list[Any]:
+        fields: dict[str, Any] = {"tls.leg": "client", "error.message": reason}
+        if hello is not None:
+            fields.update(hello.event_fields())
+        out: list[Any] = [Emit("tls.handshake", fields, outcome="failure")]
+        if hello is not None and hello.fallback_scsv and "fallback" in reason:
+            # RFC 7507: the client retried with an older version although we
+            # speak a newer one -- something broke its first attempt on the way
+            out.append(
+                Emit(
+                    "tls.fallback_refused",
+                    {
+                        **fields,
+                        "event.severity": "high",
+                        "message": "client fell back to an older TLS version (TLS_FALLBACK_SCSV)"
+                        ": possible downgrade attack between client and mailmoat",
+                    },
+                    kind="alert",
+                    outcome="failure",
+                )
+            )
         self._close(out, "tls_failed")
         return out
 

@@ -101,6 +101,57 @@ class CheckMessage:
     count: int
 
 
+@final
+@dataclass(frozen=True, slots=True)
+class CheckInbound:
+    """An unauthenticated sender's first MAIL FROM (its command held back):
+    count whether this session used STARTTLS per sending domain and network,
+    then call the session's ``inbound_checked`` with the
+    :class:`~mailmoat.detect.tls.InboundTls` facts."""
+
+    domain: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ClientHelloFacts:
+    """What the client's ClientHello offered (the driver parses it; sessions read it).
+
+    ``error`` says why the hello could not be parsed (the handshake then
+    normally fails in OpenSSL as well); the other fields are then empty.
+    """
+
+    ja3: str = ""
+    ja4: str = ""
+    ja4_r: str = ""
+    fallback_scsv: bool = False
+    max_version: str = ""
+    alpn: tuple[str, ...] = ()
+    error: str = ""
+
+    def context(self) -> dict[str, Any]:
+        """The ``tls.*`` rule fields."""
+        return {
+            "ja3": self.ja3,
+            "ja4": self.ja4,
+            "fallback_scsv": self.fallback_scsv,
+            "client_max_version": self.max_version,
+        }
+
+    def event_fields(self) -> dict[str, Any]:
+        """The ``tls.*`` fields of a ``tls.handshake`` event."""
+        if self.error:
+            return {"tls.client_hello_error": self.error}
+        return {
+            "tls.ja3": self.ja3,
+            "tls.ja4": self.ja4,
+            "tls.ja4_r": self.ja4_r,
+            "tls.fallback_scsv": self.fallback_scsv,
+            "tls.client_max_version": self.max_version,
+            "tls.client_alpn": list(self.alpn),
+        }
+
+
 SessionCommand = (
     SendToClient
     | SendToUpstream
@@ -112,4 +163,5 @@ SessionCommand = (
     | BanClient
     | CheckLogin
     | CheckMessage
+    | CheckInbound
 )

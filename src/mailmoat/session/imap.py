@@ -74,6 +74,7 @@ from ._policy import SESSION_PHASES, Judge, PolicySession
 from .commands import (
     BanClient,
     CheckLogin,
+    ClientHelloFacts,
     Close,
     Delay,
     Emit,
@@ -314,19 +315,18 @@ class ImapSession(PolicySession):
         self._drain_client(out)
         return out
 
-    def client_tls_started(self, version: str, cipher: str, sni: str | None) -> list[ImapCommand]:
+    def client_tls_started(
+        self,
+        version: str,
+        cipher: str,
+        sni: str | None,
+        hello: ClientHelloFacts | None = None,
+    ) -> list[ImapCommand]:
         self.tls_active = True
         if self.state is State.CLIENT_TLS:
             self.reader = CommandReader(self.config.limits, non_sync=self._non_sync())
             self.state = State.COMMAND
-        self.judge.ctx["tls"].update(active=True, version=version, cipher=cipher, sni=sni or "")
-        out: list[ImapCommand] = [
-            Emit(
-                "tls.handshake",
-                {"tls.version": version, "tls.cipher": cipher, "tls.sni": sni, "tls.leg": "client"},
-                outcome="success",
-            )
-        ]
+        out: list[ImapCommand] = [self._client_tls(version, cipher, sni, hello)]
         self._apply("tls", out)
         return out
 
@@ -368,6 +368,7 @@ class ImapSession(PolicySession):
         travel: Mapping[str, Any] | None = None,
         *,
         blind: bool = False,
+        tls: Mapping[str, Any] | None = None,
     ) -> list[ImapCommand]:
         """The store counted this login (see SmtpSession.login_checked, ``blind`` too)."""
         out: list[ImapCommand] = []
@@ -376,6 +377,8 @@ class ImapSession(PolicySession):
         self.judge.ctx["login"].update(facts.fields())
         if travel:
             self.judge.ctx["login"].update(travel)
+        if tls:
+            self.judge.ctx["tls"].update(tls)
         reply, self._login_reply = self._login_reply, b""
         self.state = State.COMMAND
         pending, self._pending = self._pending, None
@@ -453,7 +456,10 @@ class ImapSession(PolicySession):
                         self._backend_alert(
                             out,
                             "backend.starttls_injection",
-                            {"tls.injected_bytes": len(self.responses.buffered)},
+                            {
+                                "tls.injected_bytes": len(self.responses.buffered),
+                                "tls.injected_preview": _preview(bytes(self.responses.buffered)),
+                            },
                             "backend_starttls_injection",
                         )
                         return
@@ -502,6 +508,18 @@ class ImapSession(PolicySession):
         if ev.text:
             self._greeting_text = ev.text
         if self.config.backend_tls == "starttls":
+            if ev.capabilities is not None and "STARTTLS" not in {
+                c.upper() for c in ev.capabilities
+            }:
+                # the greeting lists capabilities without STARTTLS: stripped
+                # on the way (a greeting without a list still gets to try)
+                self._backend_alert(
+                    out,
+                    "backend.starttls_missing",
+                    {"imap.reply": ev.raw[:512]},
+                    "backend_starttls_missing",
+                )
+                return
             out.append(SendToUpstream(OWN_TAG_TLS + b" STARTTLS\r\n"))
             self.state = State.UP_STARTTLS
             return

@@ -74,8 +74,10 @@ from mailmoat.protocols.xclient import UNAVAILABLE, format_xclient, xclient_addr
 from ._policy import SESSION_PHASES, Judge, PolicySession
 from .commands import (
     BanClient,
+    CheckInbound,
     CheckLogin,
     CheckMessage,
+    ClientHelloFacts,
     Close,
     Delay,
     Emit,
@@ -89,6 +91,7 @@ from .commands import (
 # Re-exported: the commands live in .commands, shared with the other protocols.
 __all__ = [
     "BanClient",
+    "CheckInbound",
     "CheckLogin",
     "CheckMessage",
     "Close",
@@ -117,6 +120,7 @@ class State(enum.Enum):
     UP_TLS = "up_tls"  # backend handshake running
     LOGIN = "login"  # the backend answered AUTH; the state store is being asked
     MESSAGE = "message"  # an authenticated user's message is being counted
+    INBOUND = "inbound"  # an unauthenticated sender's STARTTLS use is being counted
     COMMAND = "command"  # waiting for the client
     RELAY = "relay"  # replies in flight from the backend
     CLIENT_TLS = "client_tls"  # client handshake running
@@ -220,6 +224,8 @@ class SmtpSessionConfig:
     max_errors: int = 20
     client_identity: Literal["none", "xclient", "proxy-v2"] = "none"
     limits: SmtpLimits = field(default_factory=SmtpLimits)
+    #: ask the state store whether an unauthenticated sender used STARTTLS before
+    inbound_tls: bool = False
 
 
 @final
@@ -251,6 +257,8 @@ class SmtpSession(PolicySession):
         self._close_when_flushed: str | None = None
         self._login_reply = b""
         self._held_end: EndOfData | None = None
+        self._held_mail: MailFrom | None = None
+        self._inbound_checked = False
         self.client_ip = client_ip
         self.client_port = client_port
         self.state = State.UP_GREETING
@@ -290,7 +298,14 @@ class SmtpSession(PolicySession):
                 return Awaiting.UPSTREAM
             case State.COMMAND | State.DATA:
                 return Awaiting.CLIENT
-            case State.UP_TLS | State.CLIENT_TLS | State.LOGIN | State.MESSAGE | State.CLOSED:
+            case (
+                State.UP_TLS
+                | State.CLIENT_TLS
+                | State.LOGIN
+                | State.MESSAGE
+                | State.INBOUND
+                | State.CLOSED
+            ):
                 return Awaiting.NOTHING
             case _ as unreachable:
                 assert_never(unreachable)
@@ -339,7 +354,11 @@ class SmtpSession(PolicySession):
         return out
 
     def client_tls_started(
-        self, version: str, cipher: str, sni: str | None
+        self,
+        version: str,
+        cipher: str,
+        sni: str | None,
+        hello: ClientHelloFacts | None = None,
     ) -> list[SessionCommand]:
         # RFC 3207 §4.2: "the server MUST discard any knowledge obtained from
         # the client ... which was not obtained from the TLS negotiation itself."
@@ -349,14 +368,7 @@ class SmtpSession(PolicySession):
             self.reader = CommandReader(self.config.limits)
             self.state = State.COMMAND
             self._smtp["helo"] = ""
-        self.judge.ctx["tls"].update(active=True, version=version, cipher=cipher, sni=sni or "")
-        out: list[SessionCommand] = [
-            Emit(
-                "tls.handshake",
-                {"tls.version": version, "tls.cipher": cipher, "tls.sni": sni, "tls.leg": "client"},
-                outcome="success",
-            )
-        ]
+        out: list[SessionCommand] = [self._client_tls(version, cipher, sni, hello)]
         self._apply("tls", out)
         return out
 
@@ -435,7 +447,10 @@ class SmtpSession(PolicySession):
                     self._backend_alert(
                         out,
                         "backend.starttls_injection",
-                        {"tls.injected_bytes": len(self.replies.buffered)},
+                        {
+                            "tls.injected_bytes": len(self.replies.buffered),
+                            "tls.injected_preview": _preview(bytes(self.replies.buffered)),
+                        },
                         "backend_starttls_injection",
                     )
                     return
@@ -721,9 +736,15 @@ class SmtpSession(PolicySession):
                 smtp["mail_from"] = cmd.address.decode("utf-8", "replace")
                 smtp["rcpt_to"] = []
                 smtp["rcpt_count"] = 0
-                if self._apply("mail_from", out):
+                if self.config.inbound_tls and not self.authenticated and not self._inbound_checked:
+                    # port 25: did this sender use STARTTLS before? (state store, async)
+                    self._inbound_checked = True
+                    self._held_mail = cmd
+                    self.state = State.INBOUND
+                    domain = smtp["mail_from"].rpartition("@")[2] or smtp.get("helo", "")
+                    out.append(CheckInbound(domain.casefold()))
                     return
-                self._forward(cmd.line, Pending.MAIL, out, ends_group=False)
+                self._mail_phase(cmd, out)
             case RcptTo():
                 smtp = self._smtp
                 count = smtp.get("rcpt_count", 0) + 1
@@ -754,6 +775,23 @@ class SmtpSession(PolicySession):
                     self._forward(cmd.line, Pending.RSET, out, ends_group=False)
                 else:
                     self._forward(cmd.line, Pending.PLAIN, out, ends_group=True)
+
+    def _mail_phase(self, cmd: MailFrom, out: list[SessionCommand]) -> None:
+        if self._apply("mail_from", out):
+            return
+        self._forward(cmd.line, Pending.MAIL, out, ends_group=False)
+
+    def inbound_checked(self, facts: Mapping[str, Any]) -> list[SessionCommand]:
+        """The store counted this sender's STARTTLS use: the mail_from phase, then on."""
+        out: list[SessionCommand] = []
+        cmd, self._held_mail = self._held_mail, None
+        if self.state is not State.INBOUND or cmd is None:
+            return out
+        self.state = State.COMMAND
+        self.judge.ctx["tls"].update(facts)
+        self._mail_phase(cmd, out)
+        self._drain_client(out)
+        return out
 
     def _judged(self, cmd: Command, out: list[SessionCommand]) -> bool:
         """Fill ``smtp.command``/``args``/``errors``, run the command phase (every
@@ -1005,11 +1043,14 @@ class SmtpSession(PolicySession):
         travel: Mapping[str, Any] | None = None,
         *,
         blind: bool = False,
+        tls: Mapping[str, Any] | None = None,
     ) -> list[SessionCommand]:
         """The state store counted this login: run the login phase, then relay the reply.
 
         ``blind``: the shared store is down and ``[state] on_failure = "closed"``:
         the login is refused (a temporary failure) instead of judged.
+        ``travel`` and ``tls`` are the ``login.*`` and ``tls.*`` findings of the
+        user's history (travel, new JA4, downgrade, shared JA4).
         """
         out: list[SessionCommand] = []
         if self.state is not State.LOGIN:
@@ -1017,6 +1058,8 @@ class SmtpSession(PolicySession):
         self.judge.ctx["login"].update(facts.fields())
         if travel:
             self.judge.ctx["login"].update(travel)
+        if tls:
+            self.judge.ctx["tls"].update(tls)
         self.state = State.RELAY
         reply, self._login_reply = self._login_reply, b""
         if blind:
