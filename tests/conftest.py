@@ -18,6 +18,7 @@ from geoip_fixtures import geoip_dbs  # noqa: F401 - fixtures are used by name
 from mailmoat.app import Node, run_node
 from mailmoat.config import load_config
 from mailmoat.events import MemorySink
+from nginx_fixtures import fresh_nginx, nginx, webapp  # noqa: F401 - fixtures are used by name
 from postfix_fixtures import (  # noqa: F401 - fixtures are used by name
     fresh_postfix,
     postfix,
