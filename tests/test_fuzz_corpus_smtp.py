@@ -6,32 +6,17 @@ keeps the oracle and the corpus working without atheris.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT / "fuzz" / "corpus" / "smtp"
+from fuzz_corpus import ROOT, load_harness
+
 #: attack cases shared with the e2e tests (tests/attacks/README.md)
 ATTACKS = ROOT / "tests" / "attacks" / "smtp"
 
 
-def _load_entry() -> Callable[[bytes], None]:
-    spec = importlib.util.spec_from_file_location("fuzz_smtp", ROOT / "fuzz" / "fuzz_smtp.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return cast("Callable[[bytes], None]", module.check_input)
-
-
-check_input = _load_entry()
-SEEDS = sorted(CORPUS.iterdir())
+check_input, SEEDS = load_harness("smtp")
 
 
 def test_corpus_is_curated() -> None:

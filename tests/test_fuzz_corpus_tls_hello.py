@@ -6,32 +6,13 @@ here keeps the oracle and the corpus working without atheris.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT / "fuzz" / "corpus" / "tls_hello"
+from fuzz_corpus import load_harness
 
-
-def _load_entry() -> Callable[[bytes], None]:
-    spec = importlib.util.spec_from_file_location(
-        "fuzz_tls_hello", ROOT / "fuzz" / "fuzz_tls_hello.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return cast("Callable[[bytes], None]", module.check_input)
-
-
-check_input = _load_entry()
-SEEDS = sorted(CORPUS.iterdir())
+check_input, SEEDS = load_harness("tls_hello")
 
 
 def test_corpus_is_curated() -> None:
