@@ -32,6 +32,7 @@ from .detect.geo import GeoIP
 from .detect.reputation import Reputation
 from .errors import ConfigError, MailmoatError
 from .events import Emitter, EventSink, json_lines_sink
+from .events.journal import JournalWriter
 from .net.imap import ImapService, serve_imap
 from .net.smtp import SmtpService, serve_smtp
 from .net.tls import CertKeyPair, CertStore
@@ -180,6 +181,8 @@ async def run_node(
         sinks.append(sink)
     emitter = Emitter(config.node.name, sinks)
     async with contextlib.AsyncExitStack() as stack:
+        if config.journal.enabled:
+            await _start_journal(config, emitter, stack)
         holder = rules if rules is not None else load_rule_holder(config)
         memory = MemoryStore(max_bans=config.state.max_bans, max_keys=config.state.max_keys)
         snapshot_path = config.node.data_dir / "state.msgpack"
@@ -272,6 +275,51 @@ async def run_node(
                 save_snapshot(memory, snapshot_path, emitter)
             emitter.emit("node.stop", {}, kind="audit", outcome="success")
             close_log()
+
+
+async def _start_journal(
+    config: Config, emitter: Emitter, stack: contextlib.AsyncExitStack
+) -> None:
+    """The journal writer (and its drop alarm) for the node's lifetime.
+
+    It lives in a nursery of its own entered first, so it takes every event
+    from ``rules.reload`` at start to ``node.stop``; closing the stack closes
+    the writer, which writes what it accepted and seals its segment.
+    """
+    jc = config.journal
+    writer = JournalWriter(
+        jc.dir or config.node.data_dir / "journal",
+        segment_size=jc.segment_size,
+        segment_age=jc.segment_age,
+        retain_age=jc.retain_age,
+        retain_size=jc.retain_size,
+        queue=jc.queue,
+        fsync_interval=jc.fsync_interval,
+    )
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    await nursery.start(writer.run)
+    emitter.sinks.append(writer.sink)
+    alarm = trio.CancelScope()
+
+    async def drop_alarm() -> None:
+        with alarm:
+            while True:
+                await trio.sleep(5)
+                if dropped := writer.take_dropped():
+                    emitter.emit(
+                        "journal.dropped",
+                        {
+                            "journal.dropped": dropped,
+                            "message": "the journal could not keep up; events were dropped "
+                            "(they still went to [log] events)",
+                        },
+                        kind="alert",
+                        outcome="failure",
+                    )
+
+    nursery.start_soon(drop_alarm)
+    stack.callback(writer.close)
+    stack.callback(alarm.cancel)
 
 
 async def _accept_loop(

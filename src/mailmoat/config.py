@@ -189,6 +189,23 @@ class GeoipConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class JournalConfig:
+    """``[journal]``: the msgpack event journal in ``data_dir`` (docs/journal.md)."""
+
+    enabled: bool = True
+    #: default: ``data_dir/journal``
+    dir: Path | None = None
+    segment_size: int = 64 * 1024 * 1024
+    segment_age: float = 3600.0
+    retain_age: float = 14 * 86400.0
+    retain_size: int = 2 * 1024**3
+    queue: int = 10_000
+    #: seconds between fsyncs; 0: after every batch; ``None`` (``false``): never
+    fsync_interval: float | None = 1.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path | None
     node: NodeConfig
@@ -200,6 +217,7 @@ class Config:
     admin: AdminSectionConfig | None = None
     state: StateConfig = field(default_factory=StateConfig)
     geoip: GeoipConfig = field(default_factory=GeoipConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
 
 
 # --------------------------------------------------------------------------- locating
@@ -610,7 +628,18 @@ def _backend(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> BackendConfig | None:
     )
 
 
-_TOP_KEYS = ("node", "tls", "log", "rules", "state", "geoip", "admin", "listener", "backend")
+_TOP_KEYS = (
+    "node",
+    "tls",
+    "log",
+    "rules",
+    "state",
+    "geoip",
+    "journal",
+    "admin",
+    "listener",
+    "backend",
+)
 _RESERVED: tuple[str, ...] = ()
 
 
@@ -655,6 +684,7 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
     rules = _rules(ctx, _table(ctx, raw, "rules"), check_files=check_files)
     state = _state(ctx, _table(ctx, raw, "state"))
     geoip = _geoip(ctx, _table(ctx, raw, "geoip"), check_files=check_files)
+    journal = _journal(ctx, _table(ctx, raw, "journal"))
     admin = _admin(ctx, _table(ctx, raw, "admin"), present="admin" in raw, check_files=check_files)
 
     backends: dict[str, BackendConfig] = {}
@@ -722,7 +752,9 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
                     )
     if ctx.errors:
         raise ConfigErrors(ctx.errors)
-    return Config(path, node, tls, log, tuple(listeners), backends, rules, admin, state, geoip)
+    return Config(
+        path, node, tls, log, tuple(listeners), backends, rules, admin, state, geoip, journal
+    )
 
 
 def _loopback(host: str) -> bool:
@@ -830,6 +862,53 @@ def _state(ctx: _Ctx, raw: Mapping[str, Any]) -> StateConfig:
         shared_ja4_users=ints["shared_ja4_users"],
         inbound_tls_window=_positive(ctx, raw, "inbound_tls_window", d.inbound_tls_window, t),
         downgrade_min_logins=ints["downgrade_min_logins"],
+    )
+
+
+def _journal(ctx: _Ctx, raw: Mapping[str, Any]) -> JournalConfig:
+    t = "journal"
+    keys = (
+        "enabled",
+        "dir",
+        "segment_size",
+        "segment_age",
+        "retain_age",
+        "retain_size",
+        "queue",
+        "fsync_interval",
+    )
+    _check_keys(ctx, raw, keys, t)
+    d = JournalConfig()
+    directory = _get(ctx, raw, "dir", str, None, t)
+    ints: dict[str, int] = {}
+    for key, low in (("segment_size", 4096), ("retain_size", 4096), ("queue", 16)):
+        value = _get(ctx, raw, key, int, getattr(d, key), t)
+        if value < low:
+            ctx.error(f"{key} must be at least {low}", t, key=key)
+            value = getattr(d, key)
+        ints[key] = int(value)
+    fsync_raw = raw.get("fsync_interval", d.fsync_interval)
+    fsync: float | None
+    if fsync_raw is False:
+        fsync = None
+    elif isinstance(fsync_raw, int | float) and not isinstance(fsync_raw, bool) and fsync_raw >= 0:
+        fsync = float(fsync_raw)
+    else:
+        ctx.error(
+            "fsync_interval must be seconds (0: every batch) or false (never)",
+            t,
+            key="fsync_interval",
+        )
+        fsync = d.fsync_interval
+    return JournalConfig(
+        enabled=bool(_get(ctx, raw, "enabled", bool, d.enabled, t)),
+        dir=ctx.resolve(directory) if directory else None,
+        segment_size=ints["segment_size"],
+        segment_age=_positive(ctx, raw, "segment_age", d.segment_age, t),
+        retain_age=_positive(ctx, raw, "retain_age", d.retain_age, t),
+        retain_size=ints["retain_size"],
+        queue=ints["queue"],
+        fsync_interval=fsync,
     )
 
 
