@@ -96,6 +96,24 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: the machine's Postfix when installed, else the built-in sink",
     )
+    events = sub.add_parser(
+        "events",
+        help="show events from the node's journal",
+        description="Events from the journal in [journal] dir (default data_dir/journal), "
+        "oldest first: a table, or JSON lines with --json.  Filters combine (all must match).",
+    )
+    _add_config(events)
+    events.add_argument("--blocked", action="store_true", help="only refusals (verdicts, closes)")
+    events.add_argument("--since", help="1h, 30m, 2d (ago) or an ISO 8601 time")
+    events.add_argument("--until", help="same forms as --since")
+    events.add_argument("--protocol", choices=("smtp", "imap", "http"))
+    events.add_argument("--user", help="auth.user (case-insensitive)")
+    events.add_argument("--ip", help="client address or CIDR")
+    events.add_argument("--rule", help="rule id, e.g. MM-MITM-0001")
+    events.add_argument("--country", help="ISO country code of the client")
+    events.add_argument("--limit", type=int, help="at most this many events")
+    events.add_argument("--json", action="store_true", help="JSON lines, as stored")
+    events.add_argument("--follow", action="store_true", help="keep printing new events")
     ja4 = sub.add_parser(
         "ja4",
         help="fingerprint a TLS ClientHello (JA3, JA4) given as hex",
@@ -332,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_reload(args.config)
         case "rules":
             return cmd_rules_test(args.rules_path, args.cases, args.mode)
+        case "events":
+            from .cli_events import cmd_events
+
+            return cmd_events(args.config, args)
         case "ja4":
             return cmd_ja4(args.hex, args.json, args.alpn_convention)
         case "demo":
