@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from dataclasses import dataclass
 from typing import Final, final
 
 from mailmoat.state import Count, Distinct, DistinctPeek, Op, Peek, Store, normalize_ip
 
+from ._net import prefix_of
 from .tls import DOWNGRADE_MIN_LOGINS, INBOUND_WINDOW, SHARED_JA4_USERS
+
+__all__ = ["LoginDetector", "LoginFacts", "password_fingerprint", "prefix_of"]
 
 DEFAULT_WINDOW: Final = 600.0
 FINGERPRINT_HEX_DIGITS: Final = 8
@@ -59,18 +61,6 @@ class LoginFacts:
             "distinct_ips_user": self.distinct_ips_user,
             "distinct_passwords_user": self.distinct_passwords_user,
         }
-
-
-def prefix_of(ip: str, v6_prefix: int = 64) -> str:
-    """The network an address is counted in: IPv4 itself, IPv6 its /``v6_prefix``."""
-    key = normalize_ip(ip)
-    try:
-        addr = ipaddress.ip_address(key)
-    except ValueError:
-        return key
-    if addr.version == 4:
-        return key
-    return str(ipaddress.ip_network(f"{key}/{v6_prefix}", strict=False))
 
 
 def password_fingerprint(salt: bytes, password: bytes) -> str:

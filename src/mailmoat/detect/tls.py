@@ -33,12 +33,13 @@ so the driver batches them into the round trip it already makes.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, final
 
-from mailmoat.state import Count, Distinct, DistinctPeek, Op, Peek, normalize_ip
+from mailmoat.state import Count, Distinct, DistinctPeek, Op, Peek
+
+from ._net import prefix_of
 
 #: TLS versions by age; higher is newer ("" is plaintext)
 VERSION_RANK: Final[Mapping[str, int]] = {
@@ -196,13 +197,7 @@ def shared_ja4(ja4: str, result: object, threshold: int = SHARED_JA4_USERS) -> S
 
 def sender_network(ip: str) -> str:
     """The network a sending MTA is remembered by: IPv4 /24, IPv6 /48."""
-    key = normalize_ip(ip)
-    try:
-        addr = ipaddress.ip_address(key)
-    except ValueError:
-        return key
-    bits = 24 if addr.version == 4 else 48
-    return str(ipaddress.ip_network(f"{key}/{bits}", strict=False))
+    return prefix_of(ip, v6_prefix=48, v4_prefix=24)
 
 
 def inbound_ops(domain: str, network: str, tls: bool, window: float = INBOUND_WINDOW) -> list[Op]:
