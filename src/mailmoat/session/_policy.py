@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, Literal, final
 
+from mailmoat.detect.login import LoginFacts
 from mailmoat.policy import PASS, EvalCache, RuleHolder, Verdict
 
 from .commands import ClientHelloFacts, Close, Emit, SendToClient
@@ -197,6 +198,20 @@ class PolicySession:
             Emit(action, {**fields, "event.severity": "critical"}, kind="alert", outcome="failure")
         )
         self._fail_upstream(out, reason, already_alerted=True)
+
+    def _login_facts(
+        self,
+        facts: LoginFacts,
+        travel: Mapping[str, Any] | None,
+        tls: Mapping[str, Any] | None,
+    ) -> None:
+        """The state store's findings about a login, into the context of the login phase."""
+        ctx = self.judge.ctx
+        ctx["login"].update(facts.fields())
+        if travel:
+            ctx["login"].update(travel)
+        if tls:
+            ctx["tls"].update(tls)
 
     def _client_tls(
         self, version: str, cipher: str, sni: str | None, hello: ClientHelloFacts | None

@@ -374,11 +374,7 @@ class ImapSession(PolicySession):
         out: list[ImapCommand] = []
         if self.state is not State.LOGIN:
             return out
-        self.judge.ctx["login"].update(facts.fields())
-        if travel:
-            self.judge.ctx["login"].update(travel)
-        if tls:
-            self.judge.ctx["tls"].update(tls)
+        self._login_facts(facts, travel, tls)
         reply, self._login_reply = self._login_reply, b""
         self.state = State.COMMAND
         pending, self._pending = self._pending, None

@@ -1055,11 +1055,7 @@ class SmtpSession(PolicySession):
         out: list[SessionCommand] = []
         if self.state is not State.LOGIN:
             return out
-        self.judge.ctx["login"].update(facts.fields())
-        if travel:
-            self.judge.ctx["login"].update(travel)
-        if tls:
-            self.judge.ctx["tls"].update(tls)
+        self._login_facts(facts, travel, tls)
         self.state = State.RELAY
         reply, self._login_reply = self._login_reply, b""
         if blind:
