@@ -61,11 +61,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 
 from mailmoat.errors import MailmoatError
 
 from ._maildir import log_lines, maildir_messages, wait_for_messages
+
+from ._process import ManagedProcess
 
 # Process helpers shared with the Postfix instance (same /proc based checks).
 from .postfix import _alive, _group_alive, _listening, _proc_state
@@ -139,7 +141,7 @@ class DovecotPorts:
         return {name: port for name, port in ports.items() if port is not None}
 
 
-class DovecotInstance:
+class DovecotInstance(ManagedProcess):
     """Configure, run and inspect a private, rootless Dovecot under ``root``.
 
     ``start()`` writes the configuration and waits for every listener,
@@ -460,31 +462,19 @@ class DovecotInstance:
             raise DovecotError("starting a Dovecot instance needs root (to become user dovecot)")
         deadline = time.monotonic() + timeout
         self._prepare()
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
-        with self.stderr_path.open("ab") as err:
-            self._process = subprocess.Popen(
-                [
-                    str(SETPRIV_COMMAND),
-                    f"--reuid={DOVECOT_USER}",
-                    f"--regid={DOVECOT_USER}",
-                    "--init-groups",
-                    str(DOVECOT_COMMAND),
-                    "-F",
-                    "-c",
-                    str(self.config_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-                env=env,
-                start_new_session=True,
-            )
-        try:
-            self._wait_ready(deadline)
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(
+            [
+                str(SETPRIV_COMMAND),
+                f"--reuid={DOVECOT_USER}",
+                f"--regid={DOVECOT_USER}",
+                "--init-groups",
+                str(DOVECOT_COMMAND),
+                "-F",
+                "-c",
+                str(self.config_path),
+            ],
+            deadline,
+        )
 
     def _wait_ready(self, deadline: float) -> None:
         """Wait for the listeners (via /proc/net/tcp: no empty sessions in the log)."""
@@ -568,18 +558,6 @@ class DovecotInstance:
     def is_running(self) -> bool:
         """True while the master this object started is alive."""
         return self._process is not None and _alive(self._process.pid)
-
-    def __enter__(self) -> DovecotInstance:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------ delivery
 

@@ -75,12 +75,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from mailmoat.config import Address
 from mailmoat.errors import MailmoatError
 
+from ._process import ManagedProcess
 from .postfix import _alive, _group_alive, _listening, _proc_state, find_free_port
 from .webapp import pattern_bytes
 
@@ -164,7 +164,7 @@ def _address(value: Address | tuple[str, int], what: str) -> Address:
     return address
 
 
-class NginxInstance:
+class NginxInstance(ManagedProcess):
     """Configure, run and inspect a private nginx under ``root``.
 
     ``start()`` writes the configuration and static files and waits until
@@ -472,30 +472,18 @@ class NginxInstance:
             raise NginxError(f"nginx is not installed ({NGINX_COMMAND}): apt-get install nginx")
         deadline = time.monotonic() + timeout
         self._prepare()
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
-        with self.stderr_path.open("ab") as err:
-            self._process = subprocess.Popen(
-                [
-                    str(NGINX_COMMAND),
-                    "-p",
-                    f"{self.root}/",
-                    "-e",
-                    str(self.error_log_path),
-                    "-c",
-                    str(self.config_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-                env=env,
-                start_new_session=True,
-            )
-        try:
-            self._wait_ready(deadline)
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(
+            [
+                str(NGINX_COMMAND),
+                "-p",
+                f"{self.root}/",
+                "-e",
+                str(self.error_log_path),
+                "-c",
+                str(self.config_path),
+            ],
+            deadline,
+        )
 
     def _wait_ready(self, deadline: float) -> None:
         """Wait for the listening socket (and a worker to serve it)."""
@@ -557,18 +545,6 @@ class NginxInstance:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
         self.pid_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> NginxInstance:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------ inspection
 
