@@ -66,7 +66,6 @@ from types import MappingProxyType
 from mailmoat.errors import MailmoatError
 
 from ._maildir import log_lines, maildir_messages, wait_for_messages
-
 from ._process import ManagedProcess
 
 # Process helpers shared with the Postfix instance (same /proc based checks).
