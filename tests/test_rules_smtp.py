@@ -706,6 +706,7 @@ async def test_outbound_burst_of_an_authenticated_user(
 ) -> None:
     """A user who suddenly mails far more people than usual: alert, and the rule refuses it."""
     from mailmoat.detect.outbound import Outbound
+    from mailmoat.net.smtp import SmtpService
 
     rn = await start_with_rules(
         start_node,
@@ -722,6 +723,7 @@ reply = { smtp = "550 5.7.1 Unusual sending volume, contact your admin" }
         postfix_sasl.ports.submission or postfix_sasl.ports.smtp,
     )
     service = rn.node.services["smtp"]
+    assert isinstance(service, SmtpService)
     service.outbound = Outbound(learning_messages=2, min_burst=5, burst_factor=3)
     port = rn.port("smtp")
     users = [f"{u}@{DOMAIN}" for u in ("alice", "carol", "bulk")]

@@ -26,13 +26,15 @@ import msgpack
 import trio
 
 from .admin import AdminConfig, AdminServer, Request, Response
-from .config import Address, Config
+from .config import Address, BackendConfig, Config
 from .detect import LoginDetector
 from .detect.geo import GeoIP
 from .detect.reputation import Reputation
 from .errors import ConfigError, MailmoatError
 from .events import Emitter, EventSink, json_lines_sink
 from .events.journal import JournalWriter
+from .net.http import B_BUSY as H_BUSY
+from .net.http import HttpService, serve_http
 from .net.imap import ImapService, serve_imap
 from .net.smtp import SmtpService, serve_smtp
 from .net.tls import CertKeyPair, CertStore
@@ -47,6 +49,7 @@ from .state import (
     StoreUnavailable,
 )
 
+AnyService = SmtpService | ImapService | HttpService
 R_BUSY = b"421 4.7.0 Too many connections, try again later\r\n"
 B_BUSY = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
 
@@ -67,7 +70,9 @@ class Node:
     rules: RuleHolder = field(default_factory=RuleHolder.empty)
     store: Store = field(default_factory=MemoryStore)
     admin_address: tuple[str, int] | None = None
-    services: dict[str, SmtpService | ImapService] = field(default_factory=dict)
+    services: dict[str, AnyService] = field(default_factory=dict)
+    #: the certificates of the HTTPS listeners (the same files, ALPN http/1.1)
+    http_certs: CertStore | None = None
     bound: dict[str, list[Address]] = field(default_factory=dict)
     accept_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False
@@ -80,6 +85,8 @@ class Node:
             return True
         try:
             self.certs.reload()
+            if self.http_certs is not None:
+                self.http_certs.reload()
         except ConfigError as exc:
             self.emitter.emit(
                 "tls.reload", {"error.message": str(exc)}, kind="audit", outcome="failure"
@@ -141,11 +148,13 @@ class Node:
                 await trio.sleep(0.05)
 
 
-def build_certs(config: Config) -> CertStore | None:
+def build_certs(config: Config, *, alpn: Sequence[bytes] = ()) -> CertStore | None:
     if not config.tls.certs:
         return None
     return CertStore(
-        [CertKeyPair(c.cert, c.key) for c in config.tls.certs], min_version=config.tls.min_version
+        [CertKeyPair(c.cert, c.key) for c in config.tls.certs],
+        min_version=config.tls.min_version,
+        alpn=alpn,
     )
 
 
@@ -218,12 +227,21 @@ async def run_node(
         )
         all_listeners: list[trio.SocketListener] = []
         try:
-            sockets: list[tuple[SmtpService | ImapService, list[trio.SocketListener]]] = []
+            sockets: list[tuple[AnyService, list[trio.SocketListener]]] = []
             pools = {name: BackendPool(b) for name, b in config.backends.items()}
+            if any(lc.protocol == "http" for lc in config.listeners):
+                node.http_certs = build_certs(config, alpn=(b"http/1.1",))
             for lc in config.listeners:
-                service: SmtpService | ImapService
-                args = (lc, pools[lc.backend], node.certs, emitter, holder, store, detector, salt)
-                service = ImapService(*args) if lc.protocol == "imap" else SmtpService(*args)
+                service: AnyService
+                # a redirect-only http listener has no backend
+                pool = pools.get(lc.backend) or BackendPool(BackendConfig("(none)", ()))
+                if lc.protocol == "http":
+                    service = HttpService(
+                        lc, pool, node.http_certs, emitter, holder, store, detector, salt
+                    )
+                else:
+                    args = (lc, pool, node.certs, emitter, holder, store, detector, salt)
+                    service = ImapService(*args) if lc.protocol == "imap" else SmtpService(*args)
                 service.geoip = geoip
                 service.reputation = Reputation(config.state.v6_prefix)
                 node.services[lc.name] = service
@@ -323,7 +341,7 @@ async def _start_journal(
 
 
 async def _accept_loop(
-    service: SmtpService | ImapService, listener: trio.SocketListener, sessions: trio.Nursery
+    service: AnyService, listener: trio.SocketListener, sessions: trio.Nursery
 ) -> None:
     """Accept forever; each connection runs in the node's session nursery."""
     while True:
@@ -339,10 +357,18 @@ async def _accept_loop(
                 continue
             raise
         if len(service.active) >= service.listener.max_sessions:
-            busy = R_BUSY if isinstance(service, SmtpService) else B_BUSY
+            busy = (
+                R_BUSY
+                if isinstance(service, SmtpService)
+                else H_BUSY
+                if isinstance(service, HttpService)
+                else B_BUSY
+            )
             sessions.start_soon(_refuse_busy, stream, busy)
             continue
-        if isinstance(service, ImapService):
+        if isinstance(service, HttpService):
+            sessions.start_soon(serve_http, service, stream)
+        elif isinstance(service, ImapService):
             sessions.start_soon(serve_imap, service, stream)
         else:
             sessions.start_soon(serve_smtp, service, stream)

@@ -31,8 +31,8 @@ Identity = Literal["none", "xclient", "proxy-v2", "imap-id", "forwarded"]
 TLS_MODES: tuple[TlsMode, ...] = ("none", "starttls", "implicit")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 #: protocols this version can proxy; the others are reserved by DESIGN.md §4
-SUPPORTED_PROTOCOLS: tuple[Protocol, ...] = ("smtp", "imap")
-SUPPORTED_IDENTITIES: tuple[Identity, ...] = ("none", "xclient", "proxy-v2", "imap-id")
+SUPPORTED_PROTOCOLS: tuple[Protocol, ...] = ("smtp", "imap", "http")
+SUPPORTED_IDENTITIES: tuple[Identity, ...] = ("none", "xclient", "proxy-v2", "imap-id", "forwarded")
 
 
 @final
@@ -97,6 +97,43 @@ class SmtpLimitsConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class HttpLoginConfig:
+    """``[listener.login]``: the webmail's login endpoint and how its answer reads."""
+
+    path: str
+    user_field: str
+    password_field: str
+    method: str = "POST"
+    success_status: tuple[int, ...] = (302, 303)
+    success_location: str | None = None
+    success_cookie: str | None = None
+    failure_status: tuple[int, ...] = ()
+    failure_location: str | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class HttpListenerConfig:
+    """The keys only an ``http`` listener has (docs/http.md)."""
+
+    max_head_size: int = 16 * 1024
+    max_header_count: int = 100
+    max_target_length: int = 8 * 1024
+    max_body_size: int = 64 * 1024 * 1024
+    #: seconds from the first byte of a request head to its blank line (slowloris)
+    header_timeout: float = 10.0
+    #: ``""``: proxy; ``"host"``: redirect to https://<Host>; else an https origin to redirect to
+    redirect_https: str = ""
+    #: peers whose forwarding fields (X-Forwarded-For, Forwarded) are believed
+    trusted_proxies: tuple[str, ...] = ()
+    websocket: bool = True
+    #: an HTML file answered (with 403) instead of the built-in page
+    deny_page: Path | None = None
+    login: HttpLoginConfig | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     protocol: Protocol
@@ -112,6 +149,8 @@ class ListenerConfig:
     bare_newline: Literal["reject", "normalize"] = "reject"
     max_errors: int = 20
     limits: SmtpLimitsConfig = field(default_factory=SmtpLimitsConfig)
+    #: ``protocol = "http"`` only
+    http: HttpListenerConfig | None = None
     line: int | None = None
 
 
@@ -474,13 +513,166 @@ _LISTENER_KEYS = (
     "max_text_line",
     "max_message_size",
 )
+_HTTP_LISTENER_KEYS = (
+    "max_head_size",
+    "max_header_count",
+    "max_target_length",
+    "max_body_size",
+    "header_timeout",
+    "redirect_https",
+    "trusted_proxies",
+    "websocket",
+    "deny_page",
+    "login",
+)
+_LOGIN_KEYS = (
+    "path",
+    "method",
+    "user_field",
+    "password_field",
+    "success_status",
+    "success_location",
+    "success_cookie",
+    "failure_status",
+    "failure_location",
+)
+
+
+def _statuses(
+    ctx: _Ctx, raw: Mapping[str, Any], key: str, default: tuple[int, ...], i: int
+) -> tuple[int, ...]:
+    value = raw.get(key, list(default))
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 for v in value
+    ):
+        ctx.error(
+            f"login {key} must be a list of HTTP status codes, e.g. [302, 303]",
+            "listener",
+            i,
+            "login",
+        )
+        return default
+    return tuple(value)
+
+
+def _http_login(ctx: _Ctx, raw: Any, i: int) -> HttpLoginConfig | None:
+    t = "listener"
+    if not isinstance(raw, dict):
+        ctx.error(
+            "login must be a table: [listener.login] with path, user_field, password_field",
+            t,
+            i,
+            "login",
+        )
+        return None
+    for key in raw:
+        if key not in _LOGIN_KEYS:
+            ctx.error(
+                f"unknown key {key!r} in [listener.login]; allowed keys: {', '.join(_LOGIN_KEYS)}",
+                t,
+                i,
+                "login",
+            )
+    values: dict[str, str | None] = {}
+    for key in ("path", "user_field", "password_field"):
+        value = raw.get(key)
+        if not isinstance(value, str) or not value:
+            ctx.error(
+                f"[listener.login] needs {key} (e.g. path = '/login', user_field = 'user', "
+                "password_field = 'password')",
+                t,
+                i,
+                "login",
+            )
+            return None
+        values[key] = value
+    for key in ("method", "success_location", "success_cookie", "failure_location"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            ctx.error(f"login {key} must be a non-empty string", t, i, "login")
+            value = None
+        values[key] = value
+    path = str(values["path"])
+    if not path.startswith("/"):
+        ctx.error(f"login path {path!r} must start with '/'", t, i, "login")
+    success = _statuses(ctx, raw, "success_status", (302, 303), i)
+    if not success:
+        ctx.error("login success_status must not be empty", t, i, "login")
+        success = (302, 303)
+    return HttpLoginConfig(
+        path=path,
+        user_field=str(values["user_field"]),
+        password_field=str(values["password_field"]),
+        method=(values["method"] or "POST").upper(),
+        success_status=success,
+        success_location=values["success_location"],
+        success_cookie=values["success_cookie"],
+        failure_status=_statuses(ctx, raw, "failure_status", (), i),
+        failure_location=values["failure_location"],
+    )
+
+
+def _http_listener(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> HttpListenerConfig:
+    t = "listener"
+    d = HttpListenerConfig()
+    minimums = {
+        "max_head_size": 1024,
+        "max_header_count": 8,
+        "max_target_length": 256,
+        "max_body_size": 0,
+    }
+    sizes: dict[str, int] = {}
+    for key, minimum in minimums.items():
+        value = _get(ctx, raw, key, int, getattr(d, key), t, i)
+        if value < minimum:
+            ctx.error(f"{key} must be at least {minimum}", t, i, key)
+            value = getattr(d, key)
+        sizes[key] = value
+    redirect = _get(ctx, raw, "redirect_https", str, "", t, i)
+    if redirect and redirect != "host" and not re.fullmatch(r"https://[^/?#\s]+", redirect):
+        ctx.error(
+            f"redirect_https = {redirect!r}: use 'host' (redirect to https:// plus the request's "
+            "Host) or an origin such as 'https://mail.example.org' (no path)",
+            t,
+            i,
+            "redirect_https",
+        )
+        redirect = ""
+    trusted_raw = _get(ctx, raw, "trusted_proxies", list, [], t, i)
+    trusted: list[str] = []
+    for item in trusted_raw:
+        try:
+            trusted.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            ctx.error(
+                f"trusted_proxies: {item!r} is not an IP address or network (e.g. '10.0.0.0/8')",
+                t,
+                i,
+                "trusted_proxies",
+            )
+    deny_page = _get(ctx, raw, "deny_page", str, None, t, i)
+    login = _http_login(ctx, raw["login"], i) if "login" in raw else None
+    return HttpListenerConfig(
+        max_head_size=sizes["max_head_size"],
+        max_header_count=sizes["max_header_count"],
+        max_target_length=sizes["max_target_length"],
+        max_body_size=sizes["max_body_size"],
+        header_timeout=_positive(ctx, raw, "header_timeout", d.header_timeout, t, i),
+        redirect_https=redirect,
+        trusted_proxies=tuple(trusted),
+        websocket=_get(ctx, raw, "websocket", bool, True, t, i),
+        deny_page=ctx.resolve(deny_page) if deny_page else None,
+        login=login,
+    )
 
 
 def _listener(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> ListenerConfig | None:
     t = "listener"
-    _check_keys(ctx, raw, _LISTENER_KEYS, t, i)
-    name = _get(ctx, raw, "name", str, f"listener-{i + 1}", t, i)
     protocol = _choice(ctx, raw, "protocol", ("smtp", "imap", "http"), "smtp", t, i)
+    _check_keys(
+        ctx, raw, _LISTENER_KEYS + (_HTTP_LISTENER_KEYS if protocol == "http" else ()), t, i
+    )
+    name = _get(ctx, raw, "name", str, f"listener-{i + 1}", t, i)
     if "protocol" not in raw:
         ctx.error("protocol is required: 'smtp', 'imap' or 'http'", t, i)
     elif protocol not in SUPPORTED_PROTOCOLS:
@@ -501,8 +693,13 @@ def _listener(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> ListenerConfig | Non
             i,
             "require_tls",
         )
+    http = _http_listener(ctx, raw, i) if protocol == "http" else None
+    if http is not None and tls == "starttls":
+        ctx.error(
+            "an http listener has no STARTTLS: use tls = 'implicit' (HTTPS) or 'none'", t, i, "tls"
+        )
     backend = _get(ctx, raw, "backend", str, "", t, i)
-    if not backend:
+    if not backend and not (http is not None and http.redirect_https):
         ctx.error("backend is required: the name of a [[backend]]", t, i)
     max_line = int(_positive(ctx, raw, "max_command_line", 512, t, i))
     if max_line < 512:
@@ -535,13 +732,16 @@ def _listener(ctx: _Ctx, raw: Mapping[str, Any], i: int) -> ListenerConfig | Non
         tls=cast(TlsMode, tls),
         require_tls=require_tls,
         hostname=_get(ctx, raw, "hostname", str, "", t, i),
-        idle_timeout=_positive(ctx, raw, "idle_timeout", 300.0, t, i),
+        idle_timeout=_positive(
+            ctx, raw, "idle_timeout", 60.0 if protocol == "http" else 300.0, t, i
+        ),
         tls_handshake_timeout=_positive(ctx, raw, "tls_handshake_timeout", 30.0, t, i),
         max_sessions=int(_positive(ctx, raw, "max_sessions", 1000, t, i)),
         greet_delay=float(greet_delay),
         bare_newline=cast(Literal["reject", "normalize"], bare_newline),
         max_errors=int(_positive(ctx, raw, "max_errors", 20, t, i)),
         limits=limits,
+        http=http,
         line=ctx.loc.line(t, i),
     )
 
@@ -714,7 +914,11 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
                 "backend",
             )
         bk = backends.get(lc.backend)
-        fits = {"smtp": ("none", "xclient", "proxy-v2"), "imap": ("none", "imap-id", "proxy-v2")}
+        fits = {
+            "smtp": ("none", "xclient", "proxy-v2"),
+            "imap": ("none", "imap-id", "proxy-v2"),
+            "http": ("none", "forwarded"),
+        }
         if bk is not None and lc.protocol in fits and bk.client_identity not in fits[lc.protocol]:
             ctx.error(
                 f"backend {bk.name!r} has client_identity = {bk.client_identity!r}, which an "
