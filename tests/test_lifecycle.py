@@ -6,6 +6,7 @@ after drain_timeout), SIGHUP reloads certificates, the demo delivers mail.
 
 from __future__ import annotations
 
+import http.client
 import imaplib
 import json
 import os
@@ -266,7 +267,7 @@ def _free_base() -> int:
     for _ in range(100):
         base = random.randrange(20000, 40000, 1000)
         ok = True
-        for off in (25, 587, 465, 99, 143, 993):
+        for off in (25, 587, 465, 99, 143, 993, 80, 443):
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", base + off))
@@ -341,5 +342,26 @@ def test_demo_delivers(tmp_path: Path, proc_factory: Any, backend: str) -> None:
             typ, hits = imap.search(None, "SUBJECT", "demo-check")
             assert typ == "OK"
             assert hits[0], hits
+    # the webmail: a login through mailmoat's HTTPS listener, and the port-80 redirect
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the demo's self-signed certificate
+    conn = http.client.HTTPSConnection("127.0.0.1", base + 443, context=ctx, timeout=20)
+    conn.request(
+        "POST",
+        "/login",
+        body="user=alice&password=alicepw",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    reply = conn.getresponse()
+    assert reply.status == 302
+    assert "webmail_session=" in (reply.getheader("Set-Cookie") or "")
+    conn.close()
+    plain = http.client.HTTPConnection("127.0.0.1", base + 80, timeout=20)
+    plain.request("GET", "/mail/")
+    moved = plain.getresponse()
+    assert moved.status == 301
+    assert moved.getheader("Location") == f"https://127.0.0.1:{base + 443}/mail/"
+    plain.close()
     proc.p.send_signal(signal.SIGTERM)
     assert proc.p.wait(20) == 0

@@ -69,6 +69,32 @@ tls = "implicit"
 backend = "submission"
 
 {imap}
+[[listener]]
+name = "webmail"
+protocol = "http"
+listen = "{host}:{https}"
+tls = "implicit"
+backend = "webmail"
+
+[listener.login]
+path = "/login"
+user_field = "user"
+password_field = "password"
+success_status = [302]
+success_location = "/mail/"
+success_cookie = "webmail_session"
+
+[[listener]]
+name = "webmail-redirect"
+protocol = "http"
+listen = "{host}:{http}"
+redirect_https = "https://{host}:{https}"
+
+[[backend]]
+name = "webmail"
+address = "127.0.0.1:{webmail_port}"
+client_identity = "forwarded"
+
 [[backend]]
 name = "mx"
 address = "127.0.0.1:{mx_port}"
@@ -130,6 +156,18 @@ Read it back over IMAP (mail sent above lands in Dovecot):
 """
 
 
+def _webmail_banner(node: Node) -> str:
+    web, plain = node.bound["webmail"][0], node.bound["webmail-redirect"][0]
+    return f"""
+  webmail      {web!s:<18} HTTPS (ALPN http/1.1)  -> the demo login app (alice/alicepw)
+  webmail-http {plain!s:<18} redirects to HTTPS
+
+Log in to the webmail (a wrong password shows as auth.attempt, outcome failure):
+  curl -k -i -d 'user=alice&password=alicepw' https://{web.host}:{web.port}/login
+  curl -k -i -d 'user=alice&password=wrong' https://{web.host}:{web.port}/login
+"""
+
+
 def _banner(node: Node, data_dir: Path, backend_desc: str, mail_dir: str) -> str:
     b = node.bound
     rules = node.rules.current
@@ -162,7 +200,7 @@ Try it:
   python3 -c "import smtplib; s = smtplib.SMTP('{host}', {sp}); s.starttls(); \\
 s.sendmail('me@example.org', ['alice@{DEMO_DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhello'); s.quit()"
   openssl s_client -connect {host}:{smtpsp} -quiet      (then type EHLO me)
-{_imap_banner(node)}
+{_imap_banner(node)}{_webmail_banner(node)}
 Delivered mail:  {mail_dir}
 Config:          {data_dir / "mailmoat.toml"}  (mailmoat run -c that file does the same)
 Rules:           {rules_desc}
@@ -247,6 +285,7 @@ def run_demo(
         mx_port = sub_port = find_free_port()
         backend_desc = f"built-in sink 127.0.0.1:{mx_port}"
         mail_dir = str(data_dir / "mail") + "/"
+    webmail_port = find_free_port()
     config_path = data_dir / "mailmoat.toml"
     token_file = data_dir / "admin.token"
     if not token_file.is_file():
@@ -270,6 +309,9 @@ def run_demo(
             smtps=port_base + 465,
             mx_port=mx_port,
             sub_port=sub_port,
+            https=port_base + 443,
+            http=port_base + 80,
+            webmail_port=webmail_port,
             # the private Postfix trusts XCLIENT from loopback; the sink speaks no XCLIENT
             identity="xclient" if postfix is not None else "none",
             imap=""
@@ -293,6 +335,9 @@ def run_demo(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            from .webapp import serve_webapp
+
+            await nursery.start(serve_webapp, "127.0.0.1", webmail_port)
             if postfix is None:
                 from .sink import serve_sink
 
