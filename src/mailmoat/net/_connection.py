@@ -49,6 +49,8 @@ REFUSAL_REASONS = frozenset(
         "message_bare_newline",
         "too_many_errors",
         "line_too_long",
+        "http_refused",
+        "policy_tarpit",
     }
 )
 
