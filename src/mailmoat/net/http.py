@@ -179,6 +179,14 @@ class HttpService:
         return any(address in net for net in self.trusted)
 
 
+def _has_body(request: h11.Request) -> bool:
+    """Does the request carry a body (RFC 9112 6.3: a framing field says so)?"""
+    for name, value in request.headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
+
+
 def _own_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
     """A complete response written without h11 (h11 may be in its error state)."""
     lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error"))]
@@ -223,6 +231,8 @@ class _Connection(ConnectionBase):
         self.pending: RequestRefused | h11.RemoteProtocolError | None = None
         #: mailmoat answered with "Connection: close": read away the rest before closing
         self.linger = False
+        #: response bytes not yet written (coalesced: head, small body and end in one write)
+        self._out = bytearray()
 
     # ------------------------------------------------------------------ main loop
 
@@ -390,10 +400,13 @@ class _Connection(ConnectionBase):
         if login is not None and login.matches(request):
             form, buffered, body_done = await self._read_login_body(request)
         user = form.user if form is not None else None
-        fields = request_fields(request, form)
-        refused = await self.run_commands(self.session.request(fields, login_user=user))
-        if refused or self.ended():
-            return
+        if self.session.wants_request_facts() or form is not None:
+            fields = request_fields(request, form)
+            refused = await self.run_commands(self.session.request(fields, login_user=user))
+            if refused or self.ended():
+                return
+        else:
+            self.session.requests += 1
         websocket = self.hc.websocket and is_websocket_upgrade(request)
         try:
             outbound = normalize_request(
@@ -417,7 +430,24 @@ class _Connection(ConnectionBase):
         if not await self._ensure_upstream():
             return
         assert self.h_up is not None
-        if not await self._send_up(self.h_up.send(outbound)):
+        head = self.h_up.send(outbound) or b""
+        if form is None and not _has_body(request):
+            # no body (most requests): one write to the backend, no upload task
+            ended = self.h_client.next_event()
+            assert isinstance(ended, h11.EndOfMessage), ended
+            end = self.h_up.send(h11.EndOfMessage()) or b""
+            if not await self._send_up(head + end):
+                await self.execute(self._upstream_failed("backend_closed", "closed on send"))
+                return
+            try:
+                await self._relay_response(user, websocket)
+            except _Abort:
+                return
+            if self.switched and not self.ended():
+                await self._tunnel()
+            return
+        if not await self._send_up(head):
+            await self.execute(self._upstream_failed("backend_closed", "closed on send"))
             return
         # _Abort must not leave a task: with strict exception groups it would
         # come out of the nursery wrapped; each side turns it into a cancel
@@ -579,6 +609,8 @@ class _Connection(ConnectionBase):
             event = up.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if self._out:
+                await self._flush()
             try:
                 with trio.move_on_after(timeout) as scope:
                     data = as_bytes(await self.upstream.receive_some(BODY_RECEIVE_SIZE))
@@ -621,8 +653,8 @@ class _Connection(ConnectionBase):
         if refusal or self.ended():
             self._drop_upstream()
             return
-        # ---- forward head and body
-        await self._send_client_event(normalize_response(response))
+        # ---- forward head and body: what is already here goes out in one write
+        self._queue(normalize_response(response))
         while True:
             try:
                 event = await self._up_event(config.data_timeout)
@@ -630,6 +662,8 @@ class _Connection(ConnectionBase):
                 event = None
             if event is None or isinstance(event, h11.ConnectionClosed):
                 # the status line is gone: all we can do is cut the client off
+                with contextlib.suppress(_Abort):
+                    await self._flush()
                 self._drop_upstream()
                 self.session.ended("backend_closed")
                 self.emit(
@@ -641,9 +675,10 @@ class _Connection(ConnectionBase):
                 )
                 return
             if isinstance(event, h11.Data):
-                await self._send_client_event(h11.Data(data=event.data))
+                self._queue(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
-                await self._send_client_event(h11.EndOfMessage())
+                self._queue(h11.EndOfMessage())
+                await self._flush()
                 return
 
     async def _judge_response(self, response: h11.Response, user: str | None) -> bool:
@@ -723,6 +758,21 @@ class _Connection(ConnectionBase):
         self.session.ended(reason[0])
 
     # ------------------------------------------------------------------ answers
+
+    def _queue(self, event: Any) -> None:
+        """An event for the client, written at the next :meth:`_flush`."""
+        try:
+            data = self.h_client.send(event)
+        except h11.LocalProtocolError as exc:
+            raise AssertionError(f"h11 refused our own event: {exc}") from exc
+        if data:
+            self._out += data
+
+    async def _flush(self) -> None:
+        data = bytes(self._out)
+        self._out.clear()
+        if data:
+            await self._send_client_raw(data)
 
     async def _send_client_event(self, event: Any) -> None:
         try:

@@ -209,6 +209,11 @@ class HttpSession(PolicySession):
             )
         ]
 
+    def wants_request_facts(self) -> bool:
+        """Must :meth:`request` run (rules at ``request``, or a held refusal)?
+        If not, the driver only counts the request and spares building its facts."""
+        return bool(self._held) or self.judge.has("request")
+
     def request(self, fields: RequestFields, *, login_user: str | None = None) -> list[Any]:
         """The ``request`` phase of one request; a :class:`Respond` in the answer refuses it."""
         self.requests += 1
