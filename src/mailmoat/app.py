@@ -25,7 +25,8 @@ from typing import final
 import msgpack
 import trio
 
-from .admin import AdminConfig, AdminServer, Request, Response
+from .admin import AdminConfig, AdminServer
+from .admin._routes import add_node_routes
 from .config import Address, BackendConfig, Config
 from .detect import LoginDetector
 from .detect.geo import GeoIP
@@ -520,100 +521,14 @@ def read_admin_token(config: Config) -> str:
 
 
 def build_admin(node: Node) -> AdminServer:
-    """The admin API with the node's routes (rules, reload, bans)."""
+    """The admin API with the node's routes (``admin/_routes.py``, docs/admin.md)."""
     config = node.config
     assert config.admin is not None
     server = AdminServer(
         AdminConfig((config.admin.listen.host, config.admin.listen.port), read_admin_token(config)),
         node.emitter,
     )
-
-    async def get_rules(_request: Request) -> Response:
-        rules = node.rules.current
-        hits = rules.stats()
-        errors = rules.counters.errors
-        last = node.rules.last_result
-        return Response.json(
-            {
-                "generation": node.rules.generation,
-                "mode": rules.mode,
-                "files": [str(f) for f in rules.files],
-                "last_reload": None
-                if last is None
-                else {
-                    "ok": last.ok,
-                    "summary": last.summary(),
-                    "errors": [str(e) for e in last.errors],
-                },
-                "rules": [
-                    {
-                        "id": r.id,
-                        "name": r.name,
-                        "phase": r.phase,
-                        "protocols": sorted(r.protocols),
-                        "action": r.action,
-                        "severity": r.severity,
-                        "mode": r.mode,
-                        "enabled": r.enabled,
-                        "source": f"{r.source}:{r.line}",
-                        "hits": hits.get(r.id, 0),
-                        "errors": errors.get(r.id, 0),
-                    }
-                    for r in rules.rules
-                ],
-            }
-        )
-
-    async def post_reload(_request: Request) -> Response:
-        result, certs_ok = node.reload("admin")
-        body = {
-            "ok": result.ok and certs_ok,
-            "rules": {
-                "ok": result.ok,
-                "summary": result.summary(),
-                "count": result.rules,
-                "added": list(result.added),
-                "removed": list(result.removed),
-                "changed": list(result.changed),
-                "errors": [str(e) for e in result.errors],
-            },
-            "certificates": {"ok": certs_ok},
-        }
-        return Response.json(body, 200 if result.ok and certs_ok else 422)
-
-    async def get_bans(_request: Request) -> Response:
-        store = node.store
-        return Response.json(
-            {
-                "bans": [
-                    {
-                        "ip": b.ip,
-                        "reason": b.reason,
-                        "rule_id": b.rule_id,
-                        "remaining_seconds": round(store.remaining(b), 1),
-                    }
-                    for b in await store.bans()
-                ]
-            }
-        )
-
-    async def delete_ban(request: Request) -> Response:
-        ip = request.path_params["ip"]
-        removed = await node.store.unban(ip)
-        node.emitter.emit(
-            "client.unban",
-            {"client.ip": ip, "admin.client": request.client[0]},
-            kind="audit",
-            outcome="success" if removed else "failure",
-        )
-        if not removed:
-            return Response.json({"error": f"{ip} is not banned"}, 404)
-        return Response.json({"ok": True, "ip": ip})
-
-    server.route("GET", "/api/rules", get_rules)
-    server.route("POST", "/api/reload", post_reload)
-    server.route("GET", "/api/bans", get_bans)
-    server.route("DELETE", "/api/bans/{ip}", delete_ban)
+    add_node_routes(server, node)
     return server
 
 

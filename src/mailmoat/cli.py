@@ -114,6 +114,38 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, help="at most this many events")
     events.add_argument("--json", action="store_true", help="JSON lines, as stored")
     events.add_argument("--follow", action="store_true", help="keep printing new events")
+    session = sub.add_parser(
+        "session",
+        help="everything the journal knows about one session",
+        description="Read the journal (no running node needed) and print one session: client, "
+        "geo, TLS, identity, each verdict with its rule and evidence, analysts' labels, the "
+        "transcript if recorded, then every event.  Exit 1 when the id is not in the journal.",
+    )
+    _add_config(session)
+    session.add_argument("session_id", metavar="ID", help="the session.id of any of its events")
+    session.add_argument("--json", action="store_true", help="one JSON object: summary, events")
+    unban = sub.add_parser(
+        "unban",
+        help="lift a ban on the running node (admin API)",
+        description="Ask the running node to lift the ban on IP.  Exit 1 if it is not banned, "
+        "2 if the node cannot be asked ([admin] missing, node not running).",
+    )
+    _add_config(unban)
+    unban.add_argument("ip", metavar="IP", help="the banned address")
+    allow = sub.add_parser(
+        "allow",
+        help="add an address or network to the allow list and reload (admin API)",
+        description="Ask the running node to append IP or CIDR to a file-backed cidr list "
+        "(trusted_networks of rules/10-allowlist.toml unless --list) with a comment saying "
+        "who and when, then reload its rules.  The kind can be given first: allow cidr "
+        "10.1.0.0/16.  Exit 2 if the node cannot be asked or the value is not an address.",
+    )
+    _add_config(allow)
+    allow.add_argument(
+        "value", nargs="+", metavar="IP|CIDR", help="an address or a network ([ip|cidr] VALUE)"
+    )
+    allow.add_argument("--comment", default="", help="why, kept in the list file")
+    allow.add_argument("--list", dest="list_name", metavar="NAME", help="another cidr list")
     ja4 = sub.add_parser(
         "ja4",
         help="fingerprint a TLS ClientHello (JA3, JA4) given as hex",
@@ -354,6 +386,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cli_events import cmd_events
 
             return cmd_events(args.config, args)
+        case "session":
+            from .cli_admin import cmd_session
+
+            return cmd_session(args.config, args.session_id, args.json)
+        case "unban":
+            from .cli_admin import cmd_unban
+
+            return cmd_unban(args.config, args.ip)
+        case "allow":
+            from .cli_admin import cmd_allow
+
+            return cmd_allow(args.config, args.value, args.comment, args.list_name)
         case "ja4":
             return cmd_ja4(args.hex, args.json, args.alpn_convention)
         case "demo":
