@@ -170,6 +170,10 @@ class ConnectionBase:
         #: the client's ClientHello, once a handshake ran
         self.hello: ClientHelloFacts | None = None
 
+    def elapsed(self) -> float:
+        """Seconds since the connection was accepted (the session transcript's clock)."""
+        return trio.current_time() - self.started
+
     # ------------------------------------------------------------------ events
 
     def emit(self, cmd: Emit) -> None:

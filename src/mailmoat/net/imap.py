@@ -121,6 +121,7 @@ class _Connection(ConnectionBase):
             local=self.local,
             rules=service.rules,
             session_id=self.id,
+            clock=self.elapsed,
         )
 
     async def run(self) -> None:

@@ -119,7 +119,12 @@ class _Connection(ConnectionBase):
         super().__init__(service, client)
         self.service = service
         self.session: SmtpSession = SmtpSession(
-            service.session_config, self.ip, self.port, rules=service.rules, session_id=self.id
+            service.session_config,
+            self.ip,
+            self.port,
+            rules=service.rules,
+            session_id=self.id,
+            clock=self.elapsed,
         )
 
     async def run(self) -> None:

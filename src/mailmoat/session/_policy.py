@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, final
 from mailmoat.detect.login import LoginFacts
 from mailmoat.policy import PASS, EvalCache, RuleHolder, Verdict
 
+from ._transcript import Transcript
 from .commands import ClientHelloFacts, Close, Emit, SendToClient
 
 #: phases with no command to refuse: ``reject`` there ends the session like ``deny``
@@ -134,12 +135,16 @@ class Judge:
 class PolicySession:
     """The connect and close phases, the same for every protocol's session.
 
-    A session sets ``judge``, ``close_reason`` and :attr:`BANNED_REPLY` and
-    implements ``_apply`` (run a phase, carry out its verdict) and ``_close``.
+    A session sets ``judge``, ``close_reason``, ``transcript`` and
+    :attr:`BANNED_REPLY` and implements ``_apply`` (run a phase, carry out its
+    verdict) and ``_close``.  Every byte for the client goes out through
+    :meth:`_send` (the transcript sees it); a reply that refuses a command
+    through :meth:`_send_refusal` (the transcript keeps it after login too).
     """
 
     judge: Judge
     close_reason: str | None
+    transcript: Transcript
     #: what a banned client gets instead of the greeting
     BANNED_REPLY: bytes = b""
     #: what a client silent for too long gets before the close
@@ -165,11 +170,28 @@ class PolicySession:
     ) -> None:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ to the client
+
+    def _send(self, out: list[Any], data: bytes) -> None:
+        """Say ``data`` to the client (recorded while the transcript is active)."""
+        out.append(SendToClient(data))
+        self.transcript.reply(data)
+
+    def _send_refusal(self, out: list[Any], data: bytes) -> None:
+        """Refuse the last command with ``data``: recorded in every phase."""
+        self._send(out, data)
+        self.transcript.refused(data)
+
+    def _transcript_event(self) -> list[Any]:
+        """The ``session.transcript`` event, if anything was recorded (once)."""
+        ev = self.transcript.event()
+        return [] if ev is None else [ev]
+
     # ------------------------------------------------------------------ failures
 
     def _refuse_injection(self, out: list[Any], reply: bytes, injected: int, preview: str) -> None:
         """Bytes pipelined behind STARTTLS in the clear: refused, never executed (CVE-2011-0411)."""
-        out.append(SendToClient(reply))
+        self._send_refusal(out, reply)
         out.append(
             Emit(
                 "tls.starttls_injection",
@@ -271,7 +293,7 @@ class PolicySession:
         if self.closed:
             return out
         if side == "client":
-            out.append(SendToClient(self.TIMEOUT_REPLY))
+            self._send(out, self.TIMEOUT_REPLY)
             self._close(out, "client_timeout")
         else:
             self._fail_upstream(out, "backend_timeout")
@@ -304,7 +326,7 @@ class PolicySession:
         )
         if not detect:
             if greet:
-                out.append(SendToClient(self.BANNED_REPLY))
+                self._send(out, self.BANNED_REPLY)
             self._close(out, "banned")
         return out
 

@@ -31,6 +31,10 @@ bytes already read on either side (:class:`StartRelay`) and the driver copies
 bytes both ways until one side closes, IDLE included.  The tagged OK of the
 login still passes through the session so its ``[CAPABILITY ...]`` loses
 STARTTLS and LOGINDISABLED.
+
+Until then the session keeps a transcript (credentials redacted, see
+:mod:`mailmoat.session._transcript`); :meth:`ImapSession.finish` emits it
+as ``session.transcript``.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ from mailmoat.protocols.imap import (
 from mailmoat.protocols.sasl import SaslObserver
 
 from ._policy import SESSION_PHASES, Judge, PolicySession
+from ._transcript import Transcript
 from .commands import (
     BanClient,
     CheckLogin,
@@ -78,7 +83,6 @@ from .commands import (
     Close,
     Delay,
     Emit,
-    SendToClient,
     SendToUpstream,
     SessionCommand,
     StartClientTls,
@@ -198,8 +202,11 @@ class ImapSession(PolicySession):
         local: tuple[str, int] = ("", 0),
         rules: RuleHolder | None = None,
         session_id: str = "",
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """``clock``: seconds since the session started, for the transcript (the driver's)."""
         self.config = config
+        self.transcript = Transcript(clock)
         self.client_ip = client_ip
         self.client_port = client_port
         self.local = local
@@ -352,7 +359,7 @@ class ImapSession(PolicySession):
     def shutdown(self) -> list[ImapCommand]:
         out: list[ImapCommand] = []
         if self.state is not State.CLOSED:
-            out.append(SendToClient(B_SHUTDOWN))
+            self._send(out, B_SHUTDOWN)
             self._close(out, "shutdown")
         return out
 
@@ -389,11 +396,11 @@ class ImapSession(PolicySession):
                 )
             )
             if self.authenticated:
-                out.append(SendToClient(B_UNAVAILABLE))
+                self._send_refusal(out, B_UNAVAILABLE)
                 self._close(out, "state_unavailable")
             else:
-                out.append(
-                    SendToClient(tag + b" NO [UNAVAILABLE] Temporary authentication failure\r\n")
+                self._send_refusal(
+                    out, tag + b" NO [UNAVAILABLE] Temporary authentication failure\r\n"
                 )
                 self._drain_client(out)
             self.authenticated = False
@@ -401,15 +408,17 @@ class ImapSession(PolicySession):
         if self._apply("login", out, tag=tag):
             if self.state is not State.CLOSED and self.authenticated:
                 # the backend's session is logged in and cannot be taken back
-                out.append(SendToClient(B_UNAVAILABLE))
+                self._send_refusal(out, B_UNAVAILABLE)
                 self._close(out, "policy_deny")
             self.authenticated = False
             self.auth_user = None
             if self.state is State.COMMAND:
                 self._drain_client(out)
             return out
-        out.append(SendToClient(reply))
+        self._send(out, reply)
         if self.authenticated:
+            # logged in: the relay records nothing (mailmoat refuses nothing there)
+            self.transcript.active = False
             self.state = State.RELAYING
             out.append(StartRelay(self.reader.discard_buffer(), self.responses.buffered))
             return out
@@ -417,8 +426,10 @@ class ImapSession(PolicySession):
         return out
 
     def finish(self) -> list[ImapCommand]:
-        """The close phase (bans for how the session ended)."""
-        return self._close_phase()
+        """The session is over: its transcript, then the close phase (bans for how it ended)."""
+        out: list[ImapCommand] = self._transcript_event()
+        out += self._close_phase()
+        return out
 
     # ------------------------------------------------------------------ backend
 
@@ -478,10 +489,10 @@ class ImapSession(PolicySession):
                 self._relay_response(ev, out)
             case _:
                 if isinstance(ev, Untagged) and ev.name == "BYE":
-                    out.append(SendToClient(ev.raw))
+                    self._send(out, ev.raw)
                     self._close(out, "backend_closed")
                 elif isinstance(ev, Untagged):
-                    out.append(SendToClient(ev.raw))  # unsolicited untagged data is allowed
+                    self._send(out, ev.raw)  # unsolicited untagged data is allowed
                 else:
                     self._fail_upstream(
                         out, "backend_protocol_error", detail="unsolicited tagged response"
@@ -494,7 +505,7 @@ class ImapSession(PolicySession):
             self._fail_upstream(out, "backend_protocol_error", detail="bad greeting")
             return
         if ev.name == "BYE":
-            out.append(SendToClient(ev.raw))
+            self._send(out, ev.raw)
             self._close(out, "backend_refused")
             return
         if ev.name == "PREAUTH":
@@ -555,9 +566,7 @@ class ImapSession(PolicySession):
 
     def _greet_client(self, out: list[ImapCommand]) -> None:
         caps = format_capabilities(self.client_capabilities())
-        out.append(
-            SendToClient(b"* OK [CAPABILITY " + caps + b"] " + self._greeting_text + b"\r\n")
-        )
+        self._send(out, b"* OK [CAPABILITY " + caps + b"] " + self._greeting_text + b"\r\n")
         self.state = State.COMMAND
 
     def _relay_response(
@@ -568,20 +577,20 @@ class ImapSession(PolicySession):
             if isinstance(pending, Authenticate) and self._sasl is not None:
                 self._sasl.server_challenge(ev.text)
                 self.reader.expect_auth_response()
-                out.append(SendToClient(ev.raw))
+                self._send(out, ev.raw)
                 self.state = State.AUTH_RESPONSE
                 return
             self._fail_upstream(out, "backend_protocol_error", detail="unexpected continuation")
             return
         if isinstance(ev, Untagged):
             if ev.name == "BYE":
-                out.append(SendToClient(ev.raw))
+                self._send(out, ev.raw)
                 self._close(out, "backend_closed")
                 return
             data = ev.raw
             if ev.capabilities is not None:
                 data = self._rewrite(ev, authenticated=False)
-            out.append(SendToClient(data))
+            self._send(out, data)
             return
         if pending is None or ev.tag != pending.tag:
             self._fail_upstream(out, "backend_protocol_error", detail="tag mismatch")
@@ -593,7 +602,7 @@ class ImapSession(PolicySession):
         data = ev.raw
         if ev.capabilities is not None:
             data = self._rewrite(ev, authenticated=False)
-        out.append(SendToClient(data))
+        self._send(out, data)
         if ev.status != "OK":
             self.errors += 1
         self.state = State.COMMAND
@@ -666,18 +675,23 @@ class ImapSession(PolicySession):
                 case ClientClosed():
                     self._close(out, "client_closed")
                 case AuthenticateResponse():
+                    self.transcript.command(ev)  # "***" (or "*" to cancel)
                     self._on_auth_response(ev, out)
                 case NeedContinuation():
                     # synchronizing literal (LOGIN with a literal): mailmoat answers "+"
+                    self.transcript.command(_partial(ev.tag, ev.name, f"{{{ev.size}}}"))
                     self.reader.accept_literal()
-                    out.append(SendToClient(b"+ Ready for literal data\r\n"))
+                    self._send(out, b"+ Ready for literal data\r\n")
                 case LineTooLong():
                     self.commands += 1
+                    self.transcript.command(
+                        _partial(ev.tag, "", f"[line over the limit of {ev.limit} bytes]")
+                    )
                     out.append(
                         Emit("imap.line_too_long", {"imap.line_limit": ev.limit}, outcome="failure")
                     )
                     if ev.tag is None:
-                        out.append(SendToClient(B_LINE_TOO_LONG))
+                        self._send_refusal(out, B_LINE_TOO_LONG)
                         self._close(out, "line_too_long")
                         return
                     self._refuse(out, ev.tag, b"BAD [TOOBIG] Line too long")
@@ -685,6 +699,9 @@ class ImapSession(PolicySession):
                         self.state = State.COMMAND
                 case LiteralRefused():
                     self.commands += 1
+                    self.transcript.command(
+                        _partial(ev.tag, ev.name, f"[literal of {ev.size} bytes refused]")
+                    )
                     out.append(
                         Emit(
                             "imap.literal_refused",
@@ -699,6 +716,7 @@ class ImapSession(PolicySession):
                     self._refuse(out, ev.tag or b"*", b"BAD [TOOBIG] Literal too big")
                 case BadCommand():
                     self.commands += 1
+                    self.transcript.command(ev)  # "tag NAME ***": it may hold a credential
                     out.append(
                         Emit(
                             "imap.bad_command",
@@ -711,6 +729,7 @@ class ImapSession(PolicySession):
                     )
                 case Command():
                     self.commands += 1
+                    self.transcript.command(ev)  # LOGIN: "tag LOGIN user ***"
                     self._on_command(ev, out)
                 case _ as unreachable:
                     assert_never(unreachable)
@@ -735,14 +754,12 @@ class ImapSession(PolicySession):
         match name:
             case "CAPABILITY":
                 caps = format_capabilities(self.client_capabilities())
-                out.append(SendToClient(b"* CAPABILITY " + caps + b"\r\n"))
-                out.append(SendToClient(cmd.tag + b" OK CAPABILITY completed\r\n"))
+                self._send(out, b"* CAPABILITY " + caps + b"\r\n")
+                self._send(out, cmd.tag + b" OK CAPABILITY completed\r\n")
             case "NOOP":
-                out.append(SendToClient(cmd.tag + b" OK NOOP completed\r\n"))
+                self._send(out, cmd.tag + b" OK NOOP completed\r\n")
             case "LOGOUT":
-                out.append(
-                    SendToClient(b"* BYE Logging out\r\n" + cmd.tag + b" OK LOGOUT completed\r\n")
-                )
+                self._send(out, b"* BYE Logging out\r\n" + cmd.tag + b" OK LOGOUT completed\r\n")
                 self._close(out, "client_logout")
             case "STARTTLS":
                 self._on_starttls(cmd, out)
@@ -768,7 +785,7 @@ class ImapSession(PolicySession):
             self.reader.discard_buffer()
             self._refuse_injection(out, B_INJECTION, len(injected), _preview(injected))
             return
-        out.append(SendToClient(cmd.tag + b" OK Begin TLS negotiation now\r\n"))
+        self._send(out, cmd.tag + b" OK Begin TLS negotiation now\r\n")
         out.append(StartClientTls())
         self.state = State.CLIENT_TLS
 
@@ -857,7 +874,7 @@ class ImapSession(PolicySession):
             return False
         text = self._policy_text(verdict)
         if action == "reject" and phase not in SESSION_PHASES and not text.startswith("BYE"):
-            out.append(SendToClient(tag + b" " + text.encode("utf-8", "replace") + b"\r\n"))
+            self._send_refusal(out, tag + b" " + text.encode("utf-8", "replace") + b"\r\n")
             return True
         if action == "ban":
             rule = verdict.rule
@@ -872,7 +889,7 @@ class ImapSession(PolicySession):
             return True
         if greet:
             bye = text if text.startswith("BYE") else default_reply("imap", "deny") or "BYE"
-            out.append(SendToClient(b"* " + bye.encode("utf-8", "replace") + b"\r\n"))
+            self._send_refusal(out, b"* " + bye.encode("utf-8", "replace") + b"\r\n")
         self._close(out, "policy_ban" if action == "ban" else "policy_deny")
         return True
 
@@ -885,10 +902,10 @@ class ImapSession(PolicySession):
     # ------------------------------------------------------------------ helpers
 
     def _refuse(self, out: list[ImapCommand], tag: bytes, text: bytes) -> None:
-        out.append(SendToClient(tag + b" " + text + b"\r\n"))
+        self._send_refusal(out, tag + b" " + text + b"\r\n")
         self.errors += 1
         if self.errors >= self.config.max_errors and not self.closed:
-            out.append(SendToClient(B_TOO_MANY_ERRORS))
+            self._send_refusal(out, B_TOO_MANY_ERRORS)
             out.append(
                 Emit("imap.too_many_errors", {"imap.errors": self.errors}, outcome="failure")
             )
@@ -909,7 +926,7 @@ class ImapSession(PolicySession):
             if detail:
                 fields["error.message"] = detail
             out.append(Emit("backend.failure", fields, outcome="failure"))
-        out.append(SendToClient(B_UNAVAILABLE))
+        self._send(out, B_UNAVAILABLE)
         self._close(out, reason)
 
     def _close(self, out: list[ImapCommand], reason: str) -> None:
@@ -918,6 +935,11 @@ class ImapSession(PolicySession):
         self.state = State.CLOSED
         self.close_reason = reason
         out.append(Close(reason))
+
+
+def _partial(tag: bytes | None, name: str, note: str) -> bytes:
+    """A transcript line for client input that is no complete command (no client bytes)."""
+    return b" ".join(p for p in (tag or b"", name.encode("ascii", "replace"), note.encode()) if p)
 
 
 def _args_of(cmd: Command) -> str:

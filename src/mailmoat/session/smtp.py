@@ -31,6 +31,12 @@ available and not yet active, and AUTH is hidden before TLS where the
 listener requires TLS.  CHUNKING/BDAT is not advertised: BDAT framing would
 have to be parsed to be inspected, so BDAT is refused (RFC 3030 lets a
 server not offer it).
+
+Every line the client sees goes out through ``_send`` and every parsed client
+line passes :class:`~mailmoat.session._transcript.Transcript`: the whole
+exchange (message content excepted, credentials redacted) until a successful
+AUTH, then only what mailmoat refused.  :meth:`SmtpSession.finish` emits it
+as ``session.transcript``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, assert_never, final
 
@@ -46,7 +52,7 @@ from mailmoat.detect.login import LoginFacts
 from mailmoat.detect.outbound import OutboundFacts
 from mailmoat.errors import RemoteProtocolError
 from mailmoat.policy import RuleHolder, Verdict, default_reply
-from mailmoat.protocols.sasl import SaslObserver
+from mailmoat.protocols.sasl import SaslObserver, redact_auth_line
 from mailmoat.protocols.smtp import (
     NEED_DATA,
     Auth,
@@ -72,6 +78,7 @@ from mailmoat.protocols.smtp import (
 from mailmoat.protocols.xclient import UNAVAILABLE, format_xclient, xclient_addr
 
 from ._policy import SESSION_PHASES, Judge, PolicySession
+from ._transcript import Transcript
 from .commands import (
     BanClient,
     CheckInbound,
@@ -243,8 +250,11 @@ class SmtpSession(PolicySession):
         *,
         rules: RuleHolder | None = None,
         session_id: str = "",
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """``clock``: seconds since the session started, for the transcript (the driver's)."""
         self.config = config
+        self.transcript = Transcript(clock)
         self.judge = Judge(
             rules,
             "smtp",
@@ -395,7 +405,7 @@ class SmtpSession(PolicySession):
         out: list[SessionCommand] = []
         if self.state is not State.CLOSED:
             if self.state is not State.DATA:
-                out.append(SendToClient(R_SHUTDOWN))
+                self._send(out, R_SHUTDOWN)
             self._close(out, "shutdown")
         return out
 
@@ -409,7 +419,7 @@ class SmtpSession(PolicySession):
                     return
                 if reply.code != 220:
                     # the backend refuses us (e.g. 554 or 421): tell the client the same
-                    out.append(SendToClient(reply.to_bytes()))
+                    self._send(out, reply.to_bytes())
                     out.append(SendToUpstream(format_command("QUIT")))
                     self._close(out, "backend_refused")
                     return
@@ -462,7 +472,7 @@ class SmtpSession(PolicySession):
             case _:
                 # a reply nobody asked for (e.g. an unsolicited 421 while we wait for the client)
                 if reply.code == 421:
-                    out.append(SendToClient(reply.to_bytes()))
+                    self._send(out, reply.to_bytes())
                     self._close(out, "backend_closed")
                 else:
                     self._fail_upstream(
@@ -510,7 +520,7 @@ class SmtpSession(PolicySession):
                     if sasl is not None:
                         sasl.server_challenge(reply.lines[0] if reply.lines else b"")
                     self.reader.expect_auth_response()
-                    out.append(SendToClient(data))
+                    self._send(out, data)
                     self.state = State.COMMAND
                     return
                 self.authenticated = reply.code == 235
@@ -560,7 +570,7 @@ class SmtpSession(PolicySession):
                     self._data_stats = {"bare_lf": 0, "bare_cr": 0, "fake_eod": 0}
                     self._after_bare_newline = False
                     self._raw_tail = b"\r\n"  # the DATA line's CRLF opens the first line
-                    out.append(SendToClient(data))
+                    self._send(out, data)
                     self.state = State.DATA
                     return
             case Pending.END_OF_DATA:
@@ -579,19 +589,19 @@ class SmtpSession(PolicySession):
                     )
                 )
             case Pending.QUIT:
-                out.append(SendToClient(data))
+                self._send(out, data)
                 self._close(out, "client_quit")
                 return
             case Pending.PLAIN | Pending.MAIL | Pending.RCPT | Pending.RSET | Pending.LOCAL:
                 pass
             case _ as unreachable:
                 assert_never(unreachable)
-        out.append(SendToClient(data))
+        self._send(out, data)
         if reply.code == 421:
             self._close(out, "backend_closed")
             return
         while self._inflight and self._inflight[0][0] is Pending.LOCAL:
-            out.append(SendToClient(self._inflight.popleft()[1]))
+            self._send(out, self._inflight.popleft()[1])
         if self._close_when_flushed is not None and not self._inflight:
             self._close(out, self._close_when_flushed)
             return
@@ -637,11 +647,15 @@ class SmtpSession(PolicySession):
             if isinstance(ev, DataChunk):
                 self._on_data_chunk(ev, out)
             elif isinstance(ev, EndOfData):
+                self.transcript.command(b".")  # the message itself is never recorded
                 self._on_end_of_data(ev, out)
             elif isinstance(ev, ClientClosed):
                 self._close(out, "client_closed")
             elif isinstance(ev, LineTooLong):
                 self.commands += 1
+                self.transcript.command(
+                    f"[line of {ev.length} bytes, over the limit of {ev.limit}]".encode()
+                )
                 self._refuse(
                     out,
                     R_LINE_TOO_LONG,
@@ -649,15 +663,17 @@ class SmtpSession(PolicySession):
                     {"smtp.line_length": ev.length, "smtp.line_limit": ev.limit},
                 )
             elif isinstance(ev, AuthResponse):
+                self.transcript.command(ev)  # "***" (or "*" to cancel)
                 if self._sasl is not None:
                     self._sasl.client_response(ev.data)
                 self._forward(ev.line, Pending.AUTH, out, ends_group=True)
             else:
                 self.commands += 1
+                self.transcript.command(b"PASS ***" if ev.verb == "PASS" else ev)
                 # postscreen's pipelining test: more input already waiting
                 # behind a command although PIPELINING was never offered
                 if not self._pipelining_offered and self.reader.buffered and not self._inflight:
-                    out.append(SendToClient(R_PIPELINING))
+                    self._send_refusal(out, R_PIPELINING)
                     out.append(
                         Emit(
                             "smtp.pipelining_violation",
@@ -683,7 +699,7 @@ class SmtpSession(PolicySession):
             self._on_starttls(cmd, out)
             return
         if verb in NON_SMTP_VERBS or not verb:
-            out.append(SendToClient(R_NON_SMTP))
+            self._send_refusal(out, R_NON_SMTP)
             out.append(
                 Emit(
                     "smtp.non_smtp_command",
@@ -834,7 +850,7 @@ class SmtpSession(PolicySession):
             self.reader.discard_buffer()
             self._refuse_injection(out, R_INJECTION, len(injected), _preview(injected))
             return
-        out.append(SendToClient(R_TLS_READY))
+        self._send(out, R_TLS_READY)
         out.append(StartClientTls())
         self.state = State.CLIENT_TLS
 
@@ -898,7 +914,7 @@ class SmtpSession(PolicySession):
             reply, action, fields = self._data_refused
             # The backend holds a partial body; only a closed connection makes
             # it discard that safely, so this session cannot go on either.
-            out.append(SendToClient(reply))
+            self._send_refusal(out, reply)
             fields = dict(fields, **{"smtp.data.size": self._data_size})
             out.append(Emit(action, fields, outcome="failure"))
             out.append(Emit("smtp.message", {"smtp.data.size": self._data_size}, outcome="failure"))
@@ -1000,7 +1016,7 @@ class SmtpSession(PolicySession):
             return False
         reply = self._policy_reply(verdict)
         if action == "reject" and phase not in SESSION_PHASES:
-            self._local(out, reply)
+            self._local(out, reply, refusal=True)
             return True
         if action == "ban":
             rule = verdict.rule
@@ -1019,10 +1035,11 @@ class SmtpSession(PolicySession):
         elif self._inflight:
             # earlier pipelined commands' replies come first (RFC 2920)
             self._inflight.append((Pending.LOCAL, reply))
+            self.transcript.refused(reply)
             self._close_when_flushed = reason
             self.reader.discard_buffer()
         else:
-            out.append(SendToClient(reply))
+            self._send_refusal(out, reply)
             self._close(out, reason)
         return True
 
@@ -1068,10 +1085,10 @@ class SmtpSession(PolicySession):
                 )
             )
             if self.authenticated:  # cannot be taken back at the backend
-                out.append(SendToClient(R_AUTH_BLIND_CLOSE))
+                self._send_refusal(out, R_AUTH_BLIND_CLOSE)
                 self._close(out, "state_unavailable")
                 return out
-            out.append(SendToClient(R_AUTH_BLIND))
+            self._send_refusal(out, R_AUTH_BLIND)
             self.state = State.COMMAND
             self._drain_client(out)
             return out
@@ -1085,15 +1102,20 @@ class SmtpSession(PolicySession):
                 self.state = State.COMMAND
                 self._drain_client(out)
             return out
-        out.append(SendToClient(reply))
+        self._send(out, reply)
+        if self.authenticated:
+            # logged in: from here on the transcript keeps only refused commands
+            self.transcript.active = False
         self.state = State.COMMAND
         self._drain_client(out)
         return out
 
     def finish(self) -> list[SessionCommand]:
-        """The close phase, once the session is over (bans for how it ended)."""
+        """The session is over: its transcript, then the close phase (bans for how it ended)."""
         self._smtp["errors"] = self.errors
-        return self._close_phase()
+        out: list[SessionCommand] = self._transcript_event()
+        out += self._close_phase()
+        return out
 
     # ------------------------------------------------------------------ helpers
 
@@ -1107,14 +1129,19 @@ class SmtpSession(PolicySession):
         if ends_group or not self.upstream_pipelining:
             self.state = State.RELAY
 
-    def _local(self, out: list[SessionCommand], data: bytes) -> None:
-        """Answer a command ourselves, in order with replies still in flight."""
+    def _local(self, out: list[SessionCommand], data: bytes, *, refusal: bool = False) -> None:
+        """Answer a command ourselves, in order with replies still in flight.
+
+        ``refusal``: ``data`` refuses the command (the transcript keeps it in every phase).
+        """
+        if refusal:
+            self.transcript.refused(data)
         if self._inflight:
             # A reply of ours must not overtake the backend's replies to
             # earlier pipelined commands (RFC 2920 §3.1: replies in order).
             self._inflight.append((Pending.LOCAL, data))
         else:
-            out.append(SendToClient(data))
+            self._send(out, data)
 
     def _refuse(
         self,
@@ -1126,7 +1153,7 @@ class SmtpSession(PolicySession):
         kind: str = "session",
     ) -> None:
         """Answer a command with an error of ours; counts towards max_errors."""
-        self._local(out, reply)
+        self._local(out, reply, refusal=True)
         if action is not None:
             out.append(Emit(action, fields or {}, kind=kind, outcome="failure"))
         self._count_error(out)
@@ -1139,14 +1166,14 @@ class SmtpSession(PolicySession):
 
     def _too_many_errors(self, out: list[SessionCommand]) -> None:
         if not self.closed:
-            out.append(SendToClient(R_TOO_MANY_ERRORS))
+            self._send_refusal(out, R_TOO_MANY_ERRORS)
             out.append(
                 Emit("smtp.too_many_errors", {"smtp.errors": self.errors}, outcome="failure")
             )
             self._close(out, "too_many_errors")
 
     def _protocol_error(self, out: list[SessionCommand], exc: RemoteProtocolError) -> None:
-        out.append(SendToClient(exc.reply_hint or R_UNRECOGNIZED))
+        self._send_refusal(out, exc.reply_hint or R_UNRECOGNIZED)
         out.append(Emit("smtp.protocol_error", {"error.message": str(exc)}, outcome="failure"))
         self._close(out, "client_protocol_error")
 
@@ -1158,7 +1185,9 @@ class SmtpSession(PolicySession):
         §4.3.1 ("the client MUST wait for the greeting")."""
         self._greet_open = True
         host = self.config.hostname.encode("ascii", "replace")
-        return [SendToClient(b"220-" + host + b" ESMTP\r\n")]
+        out: list[SessionCommand] = []
+        self._send(out, b"220-" + host + b" ESMTP\r\n")
+        return out
 
     def pregreet(self, data: bytes) -> list[SessionCommand]:
         """The client sent ``data`` during the greet delay (b"" = it hung up)."""
@@ -1168,8 +1197,11 @@ class SmtpSession(PolicySession):
             return out
         self._greet_open = False
         self._smtp["pregreet"] = True
+        for line in data[:2048].split(b"\n"):
+            if line.strip():
+                self.transcript.command(_redact_line(line))
         host = self.config.hostname.encode("ascii", "replace")
-        out.append(SendToClient(b"220 " + host + b" ESMTP\r\n" + R_PREGREET))
+        self._send(out, b"220 " + host + b" ESMTP\r\n" + R_PREGREET)
         out.append(
             Emit(
                 "smtp.pregreet",
@@ -1183,7 +1215,7 @@ class SmtpSession(PolicySession):
     def _greet_client(self, out: list[SessionCommand]) -> None:
         assert self._greeting is not None
         # after "220-host" the backend's lines complete the same multi-line reply
-        out.append(SendToClient(self._greeting.to_bytes()))
+        self._send(out, self._greeting.to_bytes())
         self._greet_open = False
         self.state = State.COMMAND
 
@@ -1205,9 +1237,9 @@ class SmtpSession(PolicySession):
         if self._greet_open:
             # a multi-line reply keeps one code: finish the 220, then say 421
             host = self.config.hostname.encode("ascii", "replace")
-            out.append(SendToClient(b"220 " + host + b" ESMTP\r\n"))
+            self._send(out, b"220 " + host + b" ESMTP\r\n")
             self._greet_open = False
-        out.append(SendToClient(R_UNAVAILABLE))
+        self._send(out, R_UNAVAILABLE)
         self._close(out, reason)
 
     def _close(self, out: list[SessionCommand], reason: str) -> None:
@@ -1243,6 +1275,13 @@ def normalize_newlines(data: bytes, before: bytes, *, dot_pending: bool) -> byte
     if dot_pending and data.startswith(b"."):
         out = b"." + out
     return out
+
+
+def _redact_line(line: bytes) -> bytes:
+    """A raw client line for the transcript: AUTH data and a POP3 PASS become ``***``."""
+    if line[:5].upper() == b"PASS ":
+        return b"PASS ***"
+    return redact_auth_line(line.rstrip(b"\r\n"))
 
 
 def _preview(data: bytes, limit: int = 200) -> str:
