@@ -346,6 +346,14 @@ async def test_login_success_and_failure_events(
         f"{base}/login",
     )
     await rn.wait_for("auth.attempt", auth__user="carol")
+    # the transcript of a connection with a login: the request, the user, the answer
+    transcript = await rn.wait_for("session.transcript", session__id=failure["session.id"])
+    lines = [(e["dir"], e["line"]) for e in transcript["transcript"]]
+    assert lines[:3] == [
+        ("c", "POST /login"),
+        ("c", "[form] user=alice"),
+        ("s", "HTTP/1.1 200 (login failure for alice)"),
+    ], lines
     for event in rn.events.events:
         text = json.dumps(event, default=str)
         assert "Wr0ngSecret" not in text
@@ -393,7 +401,11 @@ severity = "high"
     got = await acurl("-D", "-", "-o", "/dev/null", f"{base}/static/small.html?banned-probe")
     head = got.stdout.decode()
     assert head.startswith("HTTP/1.1 429"), head
-    retry = int(next(line for line in head.split("\r\n") if line.lower().startswith("retry-after")).split(":")[1])
+    retry = int(
+        next(line for line in head.split("\r\n") if line.lower().startswith("retry-after")).split(
+            ":"
+        )[1]
+    )
     assert 500 < retry <= 600
     await trio.sleep(0.3)
     assert not [e for e in nginx.access_log() if "banned-probe" in e.get("request_uri", "")]
@@ -437,8 +449,15 @@ severity = "low"
     assert first["verdict.evidence"]["http.path"] == "/admin/panel"
     await trio.sleep(0.3)
     assert not [e for e in nginx.access_log() if "rule-probe" in e.get("request_uri", "")]
-    got = await acurl("-D", "-", "-o", "/dev/null", f"{base}/no-such-page")
+    got = await acurl("-D", "-", "-o", "/dev/null", f"{base}/no-such-page?token=s3cr3t&x=1")
     assert got.stdout.startswith(b"HTTP/1.1 451"), got.stdout
+    # the refused request and the answer are in the session's transcript, the token is not
+    refusal = await rn.wait_for("rule.match", rule__id="T-HTTP-STATUS")
+    transcript = await rn.wait_for("session.transcript", session__id=refusal["session.id"])
+    assert [(e["dir"], e["line"]) for e in transcript["transcript"]] == [
+        ("c", "GET /no-such-page?token=***&x=1"),
+        ("s", "HTTP/1.1 451 Unavailable For Legal Reasons"),
+    ]
     # and normal traffic still flows
     ok = await acurl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/static/small.html")
     assert ok.stdout == b"200"
@@ -514,7 +533,11 @@ redirect_https = "host"
 """
     )
     got = await acurl(
-        "-D", "-", "-H", "Host: mail.example.org:8080", f"http://127.0.0.1:{rn.port('plain')}/inbox?x=1"
+        "-D",
+        "-",
+        "-H",
+        "Host: mail.example.org:8080",
+        f"http://127.0.0.1:{rn.port('plain')}/inbox?x=1",
     )
     head = got.stdout.decode()
     assert head.startswith("HTTP/1.1 301"), head

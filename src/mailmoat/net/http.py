@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, final
@@ -179,6 +180,12 @@ class HttpService:
         return any(address in net for net in self.trusted)
 
 
+#: query parameters whose values stay out of the transcript (``?token=...``)
+_SECRET_QUERY: Final = re.compile(
+    rb"([?&;][^=&;#]*(?:pass|secret|token|otp|key|auth|session)[^=&;#]*=)[^&;#]*", re.IGNORECASE
+)
+
+
 def _has_body(request: h11.Request) -> bool:
     """Does the request carry a body (RFC 9112 6.3: a framing field says so)?"""
     for name, value in request.headers:
@@ -213,6 +220,7 @@ class _Connection(ConnectionBase):
             self.port,
             rules=service.rules,
             session_id=self.id,
+            clock=self.elapsed,
         )
         self.screen = HeadScreen(service.limits)
         self.h_client = h11.Connection(
@@ -397,8 +405,11 @@ class _Connection(ConnectionBase):
         form: FormResult | None = None
         buffered: list[bytes] = []
         body_done = False
+        line = request.method + b" " + _SECRET_QUERY.sub(rb"\1***", request.target[:1024])
+        self.session.note_request(line)
         if login is not None and login.matches(request):
             form, buffered, body_done = await self._read_login_body(request)
+            self.session.note_login(line, form.fields)
         user = form.user if form is not None else None
         if self.session.wants_request_facts() or form is not None:
             fields = request_fields(request, form)
@@ -858,6 +869,7 @@ class _Connection(ConnectionBase):
             )
         )
         self.session.ended("http_refused")
+        self.session.screen_refused(exc.reason, exc.status)
         await self._own(exc.status, f"{exc.reason}\n".encode())
 
     async def _refuse_h11(self, exc: h11.RemoteProtocolError) -> None:
@@ -876,6 +888,7 @@ class _Connection(ConnectionBase):
             )
         )
         self.session.ended("http_refused")
+        self.session.screen_refused("h11", status)
         await self._own(status, b"bad request\n")
 
     # ------------------------------------------------------------------ commands

@@ -30,7 +30,7 @@ closes the connection.  In ``detect`` mode nothing is refused.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, final
 
@@ -39,6 +39,7 @@ from mailmoat.policy import RuleHolder, Verdict
 from mailmoat.protocols.http import RequestFields
 
 from ._policy import SESSION_PHASES, Judge, PolicySession
+from ._transcript import Transcript
 from .commands import BanClient, CheckLogin, ClientHelloFacts, Close, Emit
 
 Header = tuple[bytes, bytes]
@@ -112,8 +113,13 @@ class HttpSession(PolicySession):
         *,
         rules: RuleHolder | None = None,
         session_id: str = "",
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
+        #: HTTP has no pre-authentication dialogue: the transcript keeps the
+        #: logins and the requests mailmoat refused (request line, then answer)
+        self.transcript = Transcript(clock)
+        self.transcript.active = False
         self.session_id = session_id
         self.judge = Judge(
             rules,
@@ -214,6 +220,33 @@ class HttpSession(PolicySession):
         If not, the driver only counts the request and spares building its facts."""
         return bool(self._held) or self.judge.has("request")
 
+    def note_request(self, line: bytes) -> None:
+        """The request line (``METHOD target``) of the request now being served."""
+        self.transcript.command(line)
+
+    def note_login(self, line: bytes, fields: Mapping[str, str]) -> None:
+        """A login request: into the transcript with its non-secret form fields."""
+        t = self.transcript
+        t.active = True
+        t.command(line)
+        shown = " ".join(f"{k}={v[:64]}" for k, v in list(fields.items())[:12])
+        t.command(b"[form] " + shown.encode("utf-8", "replace"))
+        t.active = False
+
+    def screen_refused(self, reason: str, status: int) -> None:
+        """The request screen refused what the client sent (the driver answered)."""
+        self.refused += 1
+        t = self.transcript
+        t.command(f"[request refused before parsing: {reason}]".encode())
+        t.refused(b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"")))
+
+    def _note_refusals(self, out: list[Any]) -> None:
+        for cmd in out:
+            if isinstance(cmd, Respond):
+                self.transcript.refused(
+                    b"HTTP/1.1 %d %s" % (cmd.status, REASONS.get(cmd.status, b""))
+                )
+
     def request(self, fields: RequestFields, *, login_user: str | None = None) -> list[Any]:
         """The ``request`` phase of one request; a :class:`Respond` in the answer refuses it."""
         self.requests += 1
@@ -222,6 +255,7 @@ class HttpSession(PolicySession):
             self.refused += 1
             self._closed = True
             self.close_reason = next(c.reason for c in out if isinstance(c, Close))
+            self._note_refusals(out)
             return [self._request_event(fields, "failure"), *out]
         ctx = self.judge.ctx
         ctx["http"] = dict(fields)
@@ -234,6 +268,7 @@ class HttpSession(PolicySession):
         self._apply("request", out)
         if any(isinstance(c, Respond) for c in out):
             self.refused += 1
+            self._note_refusals(out)
             out.insert(0, self._request_event(fields, "failure"))
         return out
 
@@ -247,12 +282,17 @@ class HttpSession(PolicySession):
             self._apply("response", out)
             if any(isinstance(c, Respond) for c in out):
                 self.refused += 1
+                self._note_refusals(out)
         return out
 
     def login_result(self, user: str, success: bool, status: int) -> list[Any]:
         """The backend answered a login request: the event, then the store's counters."""
         self.logins += 1
         outcome = "success" if success else "failure"
+        t = self.transcript
+        t.active = True
+        t.reply(f"HTTP/1.1 {status} (login {outcome} for {user[:128]})".encode())
+        t.active = False
         self.judge.ctx["auth"] = {"user": user, "mechanism": "form", "result": outcome}
         return [
             Emit(
@@ -290,14 +330,17 @@ class HttpSession(PolicySession):
             )
             out.append(self._refusal(503, 0.0, "The login could not be checked; try again."))
             self._close(out, "state_unavailable")
+            self._note_refusals(out)
             return out
         self._apply("login", out)
         if any(isinstance(c, Respond) for c in out):
             self.refused += 1
+            self._note_refusals(out)
         return out
 
     def finish(self) -> list[Any]:
-        return self._close_phase()
+        """The session is over: its transcript, then the close phase."""
+        return self._transcript_event() + self._close_phase()
 
     def upstream_failed(self, reason: str, detail: str | None = None) -> list[Any]:
         """The backend could not be reached, timed out or broke: 502/504 and close."""
