@@ -43,7 +43,7 @@ fuzz: $(STAMP)
 		rm -rf $$work; \
 	done
 
-## bench: mailmoat side by side with smtp-sink direct and HAProxy, and the rule engine's cost (needs root: starts Postfix tools)
+## bench: mailmoat side by side with its peers (SMTP, IMAP: HAProxy; HTTP: nginx, mitmproxy), and the rule engine's cost (needs root, wrk, haproxy, nginx)
 bench: $(STAMP)
 	$(PY) bench/run.py
 

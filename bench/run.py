@@ -38,15 +38,29 @@ Sections (``--only NAME[,NAME]``; ``--list`` shows them):
   CPU, commands and reads per login), and the cost against detection off
   (``1 - logins_x/logins_off``, ``cpu_x/cpu_off - 1``) against the goals
   (memory < 15 %, Redis < 30 %).
+* ``http`` -- ``wrk`` against a private nginx serving static files
+  (``mailmoat.demo.nginx``, one worker) directly, a second nginx as a reverse
+  proxy in front of it, mitmproxy (``mitmdump --mode reverse:...``, the Python
+  peer; installed on first use into ``build/bench-mitm-venv``, its row says
+  why when that fails) and mailmoat (one ``protocol = "http"`` listener):
+  the 1 KiB ``/static/small.html`` at 32 connections and the 1 MiB
+  ``/static/1mb.bin`` at 8, 10 s per run (``--http-duration``).  Every target
+  is probed first (status 200 and every byte of both files); every run must
+  have no wrk socket error, no non-2xx/3xx and whole bodies, else its row is
+  flagged and the exit status is 1.  Prints req/s, MiB/s, latency p50/p99,
+  CPU per request of the measured process (nginx's master and worker for
+  the direct row, the proxy otherwise) and of the origin nginx, then
+  mailmoat's req/s against the goals: >= 3x mitmproxy and >= 0.3x nginx
+  as a reverse proxy (the goal's row; the ratio to nginx serving the files
+  itself is printed as a reference).
 
 Every process this script starts runs on 127.0.0.1, is bounded (fixed message
-counts, ``timeout`` on every client run) and is stopped in a ``finally``
+counts or durations, ``timeout`` on every client run) and is stopped in a ``finally``
 (SIGTERM, then SIGKILL), also on Ctrl-C.  Results go to
 ``$BENCH_OUT/<section>-latest.json`` (default ``/tmp/mailmoat-bench``).
 
-A later section (HTTP with wrk) is one more
-function ``section_x(ctx) -> dict`` registered in :data:`SECTIONS`, using
-:class:`Stack` to start and stop its peers.
+A new section is one more function ``section_x(ctx) -> dict`` registered in
+:data:`SECTIONS`, using :class:`Stack` to start and stop its peers.
 
     python bench/run.py                      # everything, default sizes
     python bench/run.py --only smtp --repeats 1 --small-msgs 1000 --large-msgs 50
@@ -54,12 +68,14 @@ function ``section_x(ctx) -> dict`` registered in :data:`SECTIONS`, using
     python bench/run.py --only rules         # rule cost; --rules-msgs 2000 --rules-repeats 5
     python bench/run.py --only imap          # --imap-logins 2000 --imap-fetches 24 ...
     python bench/run.py --only detection     # --detection-logins 2000 --detection-fail-every 10
+    python bench/run.py --only http          # --http-duration 10 --http-conns 32 --http-no-mitm
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import ipaddress
 import json
 import os
@@ -99,6 +115,7 @@ PACKAGES = {
     "haproxy": "haproxy",
     "timeout": "coreutils",
     "redis-server": "redis-server",
+    "wrk": "wrk",
 }
 
 
@@ -316,6 +333,12 @@ class Options:
     detection_conc: int
     detection_fail_every: int
     detection_mixed_conc: int
+    http_duration: int
+    http_conns: int
+    http_large_conns: int
+    http_threads: int
+    http_mitm: bool
+    http_mitm_venv: Path
 
 
 @dataclass
@@ -2117,6 +2140,679 @@ def section_detection(ctx: Context) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- HTTP
+
+# goals: mailmoat's requests/s of the small page (see docs/benchmarks.md)
+GOAL_HTTP_VS_MITM = 3.0  # mailmoat / mitmproxy (the Python peer)
+# mailmoat / nginx as a reverse proxy in front of the origin nginx: the goal's row (the
+# same work as mailmoat); also printed against nginx serving the files itself (reference)
+GOAL_HTTP_VS_NGINX = 0.3
+MITM_VENV = REPO / "build" / "bench-mitm-venv"
+MITM_INSTALL_SECONDS = 600
+HTTP_TARGETS = ("nginx", "nginx-proxy", "mitmproxy", "mailmoat")
+# wrk's own summary is text; this prints its totals, error counts and latency (µs) as JSON
+WRK_SCRIPT = """\
+-- written by bench/run.py: wrk's totals, errors and latency (microseconds) as one JSON line
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %.0f, "bytes": %.0f, "duration_us": %.0f, "connect": %.0f, "read": %.0f,'
+    .. ' "write": %.0f, "status": %.0f, "timeout": %.0f, "p50_us": %.0f, "p90_us": %.0f,'
+    .. ' "p99_us": %.0f, "max_us": %.0f, "mean_us": %.1f}\\n',
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, latency.mean))
+end
+"""
+WRK_ERRORS = ("connect", "read", "write", "timeout", "status")
+HTTP_MAX_HEADERS = 2048  # bytes of status line + headers per response a run may average
+
+
+@dataclass
+class HttpCase:
+    name: str  # "small" or "1mb"
+    path: str
+    size: int  # body bytes
+    conns: int
+    threads: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} ({self.size // KB} KiB)" if self.size < MB else f"{self.path} (1 MiB)"
+
+
+@dataclass
+class HttpTarget:
+    name: str
+    port: int
+    measured: str  # whose CPU is charged per request
+    cpu: Callable[[], float]
+    alive: Callable[[], bool]
+    log_tail: Callable[[], str]
+    error: str = ""  # set when it could not be started or probed: not measured
+
+
+@dataclass
+class HttpRun:
+    target: str
+    case: str
+    repeat: int
+    ok: bool  # wrk ran and reported no error of any kind
+    requests: int
+    duration_s: float
+    req_per_s: float
+    mib_per_s: float  # body bytes
+    p50_ms: float
+    p99_ms: float
+    bytes_per_response: float
+    cpu_us_per_req: float  # the measured process(es)
+    origin_cpu_us_per_req: float  # the origin nginx
+    client_cpu_s: float
+    errors: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class HttpRow:
+    target: str
+    measured: str
+    case: str
+    runs_ok: int
+    runs: int
+    flagged: bool  # at least one run had errors (its figures still count if wrk reported)
+    req_per_s: float | None
+    mib_per_s: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    cpu_us_per_req: float | None
+    origin_cpu_us_per_req: float | None
+    note: str = ""
+
+
+def http_cases(opts: Options) -> list[HttpCase]:
+    return [
+        HttpCase(
+            "small",
+            "/static/small.html",
+            KB,
+            opts.http_conns,
+            min(opts.http_threads, opts.http_conns),
+        ),
+        HttpCase(
+            "1mb",
+            "/static/1mb.bin",
+            MB,
+            opts.http_large_conns,
+            min(opts.http_threads, opts.http_large_conns),
+        ),
+    ]
+
+
+def http_get(host: str, port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One plain GET (http.client: no proxy from the environment); (status, body)."""
+    conn = http.client.HTTPConnection(require_loopback(host), port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "mailmoat-bench"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def http_probe(host: str, port: int, expected: dict[str, bytes]) -> str:
+    """'' if every path answers 200 with exactly the expected body, else what went wrong."""
+    for path, body in expected.items():
+        try:
+            status, got = http_get(host, port, path)
+        except (OSError, http.client.HTTPException) as exc:
+            return f"GET {path}: {type(exc).__name__}: {exc}"
+        if status != 200:
+            return f"GET {path}: HTTP {status} {got[:120]!r}"
+        if got != body:
+            return f"GET {path}: {len(got)} bytes, not the {len(body)} bytes of the file"
+    return ""
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"? ({exc})"
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+def pip_reason(out: str) -> str:
+    """The line of pip/venv output that says why it failed (not pip's index warnings)."""
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("WARNING: Location")]
+    errors = [ln for ln in lines if ln.startswith("ERROR") or "Error" in ln]
+    return ((errors or lines or ["no output"])[-1])[:200]
+
+
+def ensure_mitmdump(ctx: Context) -> tuple[str | None, str]:
+    """mitmdump from the bench's own venv, installing mitmproxy there the first time.
+
+    Returns (path, "") or (None, why not).  mitmproxy is not a dependency of
+    mailmoat: it lives in ``--http-mitm-venv`` (default ``build/bench-mitm-venv``,
+    ignored by git), created with this interpreter's ``-m venv``.
+    """
+    opts = ctx.opts
+    venv = opts.http_mitm_venv
+    mitmdump = venv / "bin" / "mitmdump"
+    if os.access(mitmdump, os.X_OK):
+        return str(mitmdump), ""
+    if not opts.http_mitm:
+        return None, f"not installed ({mitmdump} missing; --http-no-mitm: no install tried)"
+    ctx.log(f"mitmproxy: installing into {venv} (once; pip, at most {MITM_INSTALL_SECONDS} s)")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    status, _, _, out = run_bounded([sys.executable, "-m", "venv", str(venv)], 120)
+    if status != 0:
+        return None, f"not installed (python -m venv failed, rc={status}: {pip_reason(out)})"
+    pip = venv / "bin" / "pip"
+    status, elapsed, _, out = run_bounded(
+        [str(pip), "install", "--quiet", "--disable-pip-version-check", "mitmproxy"],
+        MITM_INSTALL_SECONDS,
+    )
+    if status != 0 or not os.access(mitmdump, os.X_OK):
+        return None, f"not installed (pip install mitmproxy failed, rc={status}: {pip_reason(out)})"
+    ctx.log(f"mitmproxy: installed in {elapsed:.0f} s")
+    return str(mitmdump), ""
+
+
+def http_mailmoat_config(host: str, port: int, backend_port: int, data_dir: Path) -> str:
+    # [journal] left at its default, as in the other sections' configs
+    return f"""\
+# written by bench/run.py
+[node]
+name = "bench"
+data_dir = "{data_dir}"
+drain_timeout = 2
+
+[log]
+events = "none"
+
+[[backend]]
+name = "web"
+address = ["{host}:{backend_port}"]
+
+[[listener]]
+name = "web"
+protocol = "http"
+listen = ["{host}:{port}"]
+backend = "web"
+"""
+
+
+def wrk_argv(
+    wrk: str, script: Path, host: str, port: int, case: HttpCase, seconds: int
+) -> list[str]:
+    return [
+        wrk,
+        "-t",
+        str(case.threads),
+        "-c",
+        str(case.conns),
+        "-d",
+        f"{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"http://{require_loopback(host)}:{port}{case.path}",
+    ]
+
+
+def measure_http(
+    ctx: Context,
+    wrk: str,
+    script: Path,
+    target: HttpTarget,
+    case: HttpCase,
+    repeat: int,
+    origin_cpu: Callable[[], float],
+    seconds: int,
+) -> HttpRun:
+    argv = wrk_argv(wrk, script, ctx.opts.host, target.port, case, seconds)
+    cpu0, o0 = target.cpu(), origin_cpu()
+    status, wall, client_cpu, out = run_bounded(argv, seconds + 30)
+    cpu, ocpu = target.cpu() - cpu0, origin_cpu() - o0
+    doc = parse_load_output(out)
+    problems: list[str] = []
+    errors: dict[str, int] = {}
+    requests = 0
+    duration = wall
+    nbytes = 0
+    p50 = p99 = 0.0
+    if doc is None:
+        problems.append(f"rc={status}, no result: {' '.join(out.split())[:300]}")
+    else:
+        requests = int(doc["requests"])
+        nbytes = int(doc["bytes"])
+        duration = max(float(doc["duration_us"]) / 1e6, 1e-6)
+        p50, p99 = float(doc["p50_us"]) / 1000, float(doc["p99_us"]) / 1000
+        errors = {k: int(doc[k]) for k in WRK_ERRORS}
+        if status != 0:
+            problems.append(f"wrk rc={status}")
+        socket = {k: v for k, v in errors.items() if k != "status" and v}
+        if socket:
+            problems.append("socket errors " + ", ".join(f"{k} {v}" for k, v in socket.items()))
+        if errors["status"]:
+            problems.append(f"{errors['status']} non-2xx/3xx responses")
+        if requests == 0:
+            problems.append("no response")
+        else:
+            # every response must have carried the whole file (a 3xx or a short body would
+            # not); wrk also counts the bytes of the responses still in flight when it stops
+            low = requests * case.size
+            high = (requests + case.conns) * (case.size + HTTP_MAX_HEADERS)
+            if not low <= nbytes <= high:
+                problems.append(
+                    f"{nbytes / requests:.0f} bytes per response, expected {case.size}"
+                    f" + headers (<= {HTTP_MAX_HEADERS})"
+                )
+    per_req = max(requests, 1)
+    return HttpRun(
+        target=target.name,
+        case=case.name,
+        repeat=repeat,
+        ok=not problems,
+        requests=requests,
+        duration_s=round(duration, 3),
+        req_per_s=round(requests / duration, 1),
+        mib_per_s=round(requests * case.size / MB / duration, 1),
+        p50_ms=round(p50, 3),
+        p99_ms=round(p99, 3),
+        bytes_per_response=round(nbytes / per_req, 1),
+        cpu_us_per_req=round(cpu * 1e6 / per_req, 2),
+        origin_cpu_us_per_req=round(ocpu * 1e6 / per_req, 2),
+        client_cpu_s=round(client_cpu, 2),
+        errors=errors,
+        error="; ".join(problems),
+    )
+
+
+def summarize_http(
+    targets: list[HttpTarget], cases: list[HttpCase], runs: list[HttpRun]
+) -> list[HttpRow]:
+    rows: list[HttpRow] = []
+    for case in cases:
+        for t in targets:
+            mine = [r for r in runs if r.target == t.name and r.case == case.name]
+            # a run with errors still counts when wrk measured something: the row is flagged
+            measured = [r for r in mine if r.requests > 0]
+            rows.append(
+                HttpRow(
+                    target=t.name,
+                    measured=t.measured,
+                    case=case.name,
+                    runs_ok=sum(r.ok for r in mine),
+                    runs=len(mine),
+                    flagged=any(not r.ok for r in mine),
+                    req_per_s=median([r.req_per_s for r in measured]),
+                    mib_per_s=median([r.mib_per_s for r in measured]),
+                    p50_ms=median([r.p50_ms for r in measured]),
+                    p99_ms=median([r.p99_ms for r in measured]),
+                    cpu_us_per_req=median([r.cpu_us_per_req for r in measured]),
+                    origin_cpu_us_per_req=median([r.origin_cpu_us_per_req for r in measured]),
+                    note=t.error,
+                )
+            )
+    return rows
+
+
+def http_ratios(rows: list[HttpRow]) -> list[dict[str, Any]]:
+    by = {(r.target, r.case): r for r in rows}
+
+    def q(peer: str, case: str, attr: str) -> tuple[float | None, bool]:
+        mm, other = by.get(("mailmoat", case)), by.get((peer, case))
+        if mm is None or other is None:
+            return None, False
+        a, b = getattr(mm, attr), getattr(other, attr)
+        value = round(a / b, 3) if a is not None and b else None
+        return value, mm.flagged or other.flagged
+
+    out: list[dict[str, Any]] = []
+    goals = (
+        ("mitmproxy", GOAL_HTTP_VS_MITM, "goal"),
+        ("nginx-proxy", GOAL_HTTP_VS_NGINX, "goal"),
+        ("nginx", GOAL_HTTP_VS_NGINX, "reference"),
+    )
+    for peer, goal, kind in goals:
+        value, flagged = q(peer, "small", "req_per_s")
+        out.append(
+            {
+                "peer": peer,
+                "metric": "req/s",
+                "case": "small",
+                "ratio": value,
+                "goal": goal,
+                "kind": kind,
+                "met": value is not None and value >= goal and not flagged,
+                "flagged": flagged,
+            }
+        )
+    for peer in ("mitmproxy", "nginx-proxy", "nginx"):
+        value, flagged = q(peer, "1mb", "mib_per_s")
+        out.append(
+            {"peer": peer, "metric": "MiB/s", "case": "1mb", "ratio": value, "flagged": flagged}
+        )
+    for case in ("small", "1mb"):
+        value, flagged = q("nginx-proxy", case, "cpu_us_per_req")
+        out.append(
+            {
+                "peer": "nginx-proxy",
+                "metric": "CPU/req",
+                "case": case,
+                "ratio": value,
+                "flagged": flagged,
+            }
+        )
+    return out
+
+
+def print_aligned(table: list[tuple[str, ...]], left: tuple[int, ...]) -> None:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for n, line in enumerate(table):
+        cells = zip(line, widths, strict=True)
+        print(
+            "  ".join(
+                c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(cells)
+            ).rstrip()
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_http_report(
+    rows: list[HttpRow],
+    ratios: list[dict[str, Any]],
+    cases: list[HttpCase],
+    runs: list[HttpRun],
+    opts: Options,
+) -> None:
+    for case in cases:
+        big = case.size >= MB
+        print(
+            f"\n{case.label}: wrk -t{case.threads} -c{case.conns} -d{opts.http_duration}s,"
+            f" medians of {opts.repeats}:"
+        )
+        head = (
+            "target",
+            "ok",
+            "req/s",
+            "MiB/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/MiB" if big else "CPU µs/req",
+            "origin ms/MiB" if big else "origin µs/req",
+            "CPU of",
+        )
+        scale = 1000.0 if big else 1.0
+        table: list[tuple[str, ...]] = [head]
+        for r in rows:
+            if r.case != case.name:
+                continue
+            if r.note:
+                table.append((r.target, "-", "-", "-", "-", "-", "-", "-", r.note))
+                continue
+            cpu = None if r.cpu_us_per_req is None else r.cpu_us_per_req / scale
+            ocpu = None if r.origin_cpu_us_per_req is None else r.origin_cpu_us_per_req / scale
+            table.append(
+                (
+                    r.target + (" !" if r.flagged else ""),
+                    f"{r.runs_ok}/{r.runs}",
+                    fmt(r.req_per_s, 0),
+                    fmt(r.mib_per_s, 1),
+                    fmt(r.p50_ms, 2),
+                    fmt(r.p99_ms, 2),
+                    fmt(cpu, 3 if big else 1),
+                    fmt(ocpu, 3 if big else 1),
+                    r.measured,
+                )
+            )
+        print_aligned(table, (0, 8))
+    bad = [run for run in runs if not run.ok]
+    if bad:
+        print("\n! = a run of that row had errors (its figures still count in the medians):")
+        for run in bad:
+            print(f"  {run.target} {run.case} repeat {run.repeat}: {run.error}")
+    print()
+    for q in ratios:
+        flag = "  (FLAGGED: errors in the runs)" if q["flagged"] else ""
+        name = f"mailmoat/{q['peer']} {q['metric']} ({q['case']})"
+        if "goal" in q:
+            verdict = "n/a" if q["ratio"] is None else ("MET" if q["met"] else "NOT met")
+            if q["kind"] == "goal":
+                print(f"{name}: {fmt(q['ratio'], 2)}  goal >= {q['goal']}  {verdict}{flag}")
+            else:
+                print(
+                    f"{name}: {fmt(q['ratio'], 2)}  (reference, not the goal: this nginx serves"
+                    f" the files itself; >= {q['goal']} {verdict}){flag}"
+                )
+        else:
+            print(f"{name}: {fmt(q['ratio'], 2)}{flag}")
+
+
+def section_http(ctx: Context) -> dict[str, Any]:
+    """HTTP: wrk req/s, p50/p99 and MiB/s; nginx direct / nginx proxy / mitmproxy / mailmoat."""
+    opts = ctx.opts
+    host = opts.host
+    bins = find_binaries(["wrk", "timeout"])
+    if str(opts.src) not in sys.path:
+        sys.path.insert(0, str(opts.src))
+    try:
+        from mailmoat.demo.nginx import STATIC_FILES, NginxError, NginxInstance, nginx_available
+    except ImportError as exc:
+        raise BenchError(f"cannot import mailmoat.demo.nginx from {opts.src}: {exc}") from None
+    if not nginx_available():
+        raise BenchError("missing nginx (/usr/sbin/nginx): install with `apt-get install nginx`")
+    cases = http_cases(opts)
+    expected = {c.path: STATIC_FILES[c.path.rsplit("/", 1)[1]]() for c in cases}
+    script = ctx.workdir / "wrk-json.lua"
+    script.write_text(WRK_SCRIPT)
+    mitmdump, mitm_error = ensure_mitmdump(ctx)
+    versions = {
+        "wrk": tool_version([bins["wrk"], "-v"]),
+        "nginx": tool_version(["/usr/sbin/nginx", "-v"]),
+        "mitmproxy": tool_version([mitmdump, "--version"]) if mitmdump else mitm_error,
+    }
+    # as root the nginx workers run as nobody: they must reach their roots below the work dir
+    os.chmod(ctx.workdir, 0o711)
+    origin = NginxInstance(ctx.workdir / "nginx-origin", host=host)
+    proxy = NginxInstance(ctx.workdir / "nginx-proxy", host=host, proxy_to=origin.address)
+    runs: list[HttpRun] = []
+    problems: list[str] = []
+    targets: list[HttpTarget] = []
+    try:
+        with Stack(ctx.workdir) as stack:
+            for inst in (origin, proxy):
+                try:
+                    inst.start()
+                except NginxError as exc:
+                    raise BenchError(f"nginx did not start: {exc}") from None
+
+            def group_of(inst: Any) -> Callable[[], float]:
+                pgid = inst.master_pid
+                assert pgid is not None
+                return lambda: group_cpu_seconds(pgid)
+
+            def errors_of(inst: Any) -> Callable[[], str]:
+                return lambda: " | ".join(inst.error_log_lines()[-5:])
+
+            origin_cpu = group_of(origin)
+            targets.append(
+                HttpTarget(
+                    "nginx",
+                    origin.port,
+                    "nginx (master+worker)",
+                    origin_cpu,
+                    origin.is_running,
+                    errors_of(origin),
+                )
+            )
+            targets.append(
+                HttpTarget(
+                    "nginx-proxy",
+                    proxy.port,
+                    "proxy nginx",
+                    group_of(proxy),
+                    proxy.is_running,
+                    errors_of(proxy),
+                )
+            )
+            # mitmproxy, if it could be installed
+            mitm_port = free_port(host)
+            mitm_target = HttpTarget(
+                "mitmproxy",
+                mitm_port,
+                "mitmdump",
+                lambda: 0.0,
+                lambda: False,
+                lambda: "",
+                error=f"mitmproxy: {mitm_error}" if mitm_error else "",
+            )
+            if mitmdump:
+                confdir = ctx.workdir / "mitmproxy"  # its CA lands here, not in ~/.mitmproxy
+                proc = stack.start(
+                    "mitmdump",
+                    [
+                        mitmdump,
+                        "--mode",
+                        f"reverse:http://{host}:{origin.port}",
+                        "--listen-host",
+                        host,
+                        "-p",
+                        str(mitm_port),
+                        "-q",
+                        "--set",
+                        f"confdir={confdir}",
+                    ],
+                )
+                mitm_target.cpu = group_of(types.SimpleNamespace(master_pid=proc.pid))
+                mitm_target.alive, mitm_target.log_tail = proc.alive, proc.log_tail
+                try:
+                    stack.wait_port(proc, host, mitm_port, seconds=60)
+                except BenchError as exc:
+                    mitm_target.error = f"mitmproxy: did not start: {exc}"
+            targets.append(mitm_target)
+            # mailmoat
+            mm_port = free_port(host)
+            data_dir = ctx.workdir / "mailmoat-data"
+            data_dir.mkdir()
+            mm_cfg = ctx.workdir / "mailmoat.toml"
+            mm_cfg.write_text(http_mailmoat_config(host, mm_port, origin.port, data_dir))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(opts.src), env.get("PYTHONPATH", "")) if p
+            )
+            mm = stack.start(
+                "mailmoat", [opts.python, "-m", "mailmoat.cli", "run", "-c", str(mm_cfg)], env=env
+            )
+            mm_target = HttpTarget(
+                "mailmoat",
+                mm_port,
+                "mailmoat",
+                lambda: group_cpu_seconds(mm.pid),
+                mm.alive,
+                lambda: mm.log_tail(600),
+            )
+            try:
+                stack.wait_port(mm, host, mm_port, seconds=60)
+            except BenchError as exc:
+                mm_target.error = f"mailmoat: {' '.join(str(exc).split())[:300]}"
+            targets.append(mm_target)
+            ctx.log(
+                ", ".join(
+                    f"{t.name} :{t.port}" + (f" ({t.error})" if t.error else "") for t in targets
+                )
+                + f" (work dir {ctx.workdir})"
+            )
+            # probe (status and every byte of both files), then a short warm-up
+            for t in targets:
+                if t.error:
+                    continue
+                why = http_probe(host, t.port, expected)
+                if why:
+                    t.error = f"{t.name}: probe failed: {why}"
+                    continue
+                status, _, _, out = run_bounded(
+                    wrk_argv(
+                        bins["wrk"],
+                        script,
+                        host,
+                        t.port,
+                        HttpCase("warm", cases[0].path, KB, 4, 1),
+                        1,
+                    ),
+                    40,
+                )
+                if status != 0:
+                    t.error = f"{t.name}: warm-up wrk rc={status}: {' '.join(out.split())[:200]}"
+            # mitmproxy not installed is reported in its row, not a failure
+            problems += [
+                t.error for t in targets if t.error and not (t is mitm_target and mitm_error)
+            ]
+            live = [t for t in targets if not t.error]
+            for rep in range(1, opts.repeats + 1):
+                for case in cases:
+                    # interleaved and rotated per repeat, so drift hits every target alike
+                    shift = (rep - 1) % max(len(live), 1)
+                    for t in live[shift:] + live[:shift]:
+                        if t.error:
+                            continue
+                        r = measure_http(
+                            ctx, bins["wrk"], script, t, case, rep, origin_cpu, opts.http_duration
+                        )
+                        runs.append(r)
+                        ctx.log(
+                            f"repeat {rep}/{opts.repeats} {t.name:<11} {case.name:<5}"
+                            f" {r.req_per_s:8.0f} req/s {r.mib_per_s:7.1f} MiB/s"
+                            f" p50 {r.p50_ms:6.2f} p99 {r.p99_ms:6.2f} ms"
+                            f" {r.cpu_us_per_req:7.1f} µs CPU/req"
+                            + ("" if r.ok else f"  ERRORS {r.error}")
+                        )
+                        if not t.alive():
+                            t.error = f"{t.name}: died during the runs: {t.log_tail()}"
+                            problems.append(t.error)
+                        elif not origin.is_running():
+                            raise BenchError(f"the origin nginx died: {errors_of(origin)()}")
+            tail = mm.log_tail(4000)
+            if "Traceback" in tail:
+                problems.append(f"mailmoat log: {tail[-600:]}")
+    finally:
+        proxy.stop()
+        origin.stop()
+
+    rows = summarize_http(targets, cases, runs)
+    ratios = http_ratios(rows)
+    print_http_report(rows, ratios, cases, runs, opts)
+    problems += [f"{r.target} {r.case} repeat {r.repeat}: {r.error}" for r in runs if not r.ok]
+    if problems:
+        print(f"\nFAILED: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        n = sum(r.requests for r in runs if r.target == "mailmoat")
+        print(f"all {len(runs)} runs ok: {n} requests through mailmoat, no wrk error")
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "rows": [asdict(r) for r in rows],
+        "ratios": ratios,
+        "runs": [asdict(r) for r in runs],
+        "setup": {
+            "cases": [asdict(c) for c in cases],
+            "duration_s": opts.http_duration,
+            "nginx_worker_processes": 1,
+            "nginx_proxy_buffering": True,
+            "mitmproxy": mitm_error or "ok",
+            "mitm_venv": str(opts.http_mitm_venv),
+        },
+        "tools": dict(bins) | {"versions": versions},
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -2124,6 +2820,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "rules": section_rules,
     "imap": section_imap,
     "detection": section_detection,
+    "http": section_http,
 }
 
 
@@ -2276,6 +2973,42 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         default=env_int("BENCH_DETECTION_MIXED_CONC", 60),
         help="detection section: concurrent sessions of the mixed load (default 60)",
     )
+    p.add_argument(
+        "--http-duration",
+        type=int,
+        default=env_int("BENCH_HTTP_DURATION", 10),
+        help="http section: seconds per wrk run (default 10)",
+    )
+    p.add_argument(
+        "--http-conns",
+        type=int,
+        default=env_int("BENCH_HTTP_CONNS", 32),
+        help="http section: wrk connections for the small page (default 32)",
+    )
+    p.add_argument(
+        "--http-large-conns",
+        type=int,
+        default=env_int("BENCH_HTTP_LARGE_CONNS", 8),
+        help="http section: wrk connections for the 1 MB file (default 8)",
+    )
+    p.add_argument(
+        "--http-threads",
+        type=int,
+        default=env_int("BENCH_HTTP_THREADS", 2),
+        help="http section: wrk threads (default 2; at most the connections)",
+    )
+    p.add_argument(
+        "--http-no-mitm",
+        action="store_true",
+        default=bool(env_int("BENCH_HTTP_NO_MITM", 0)),
+        help="http section: do not install mitmproxy (its row is measured only if installed)",
+    )
+    p.add_argument(
+        "--http-mitm-venv",
+        default=os.environ.get("BENCH_HTTP_MITM_VENV", str(MITM_VENV)),
+        help="http section: venv holding mitmproxy, created on first use"
+        " (default build/bench-mitm-venv)",
+    )
     a = p.parse_args(argv)
     if a.list:
         for name, fn in SECTIONS.items():
@@ -2305,6 +3038,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         "detection_logins",
         "detection_conc",
         "detection_mixed_conc",
+        "http_duration",
+        "http_conns",
+        "http_large_conns",
+        "http_threads",
     ):
         if getattr(a, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
@@ -2324,6 +3061,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         or a.detection_conc > 1000
         or a.detection_mixed_conc > 1000
         or not 0 <= a.detection_fail_every <= 1_000_000
+        or a.http_duration > 600
+        or a.http_conns > 1000
+        or a.http_large_conns > 1000
+        or a.http_threads > 64
     ):
         raise BenchError("refusing unbounded-looking sizes (msgs or --run-timeout too large)")
     opts = Options(
@@ -2354,6 +3095,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
         detection_conc=a.detection_conc,
         detection_fail_every=a.detection_fail_every,
         detection_mixed_conc=a.detection_mixed_conc,
+        http_duration=a.http_duration,
+        http_conns=a.http_conns,
+        http_large_conns=a.http_large_conns,
+        http_threads=a.http_threads,
+        http_mitm=not a.http_no_mitm,
+        http_mitm_venv=Path(a.http_mitm_venv).resolve(),
     )
     return opts, only
 
