@@ -23,6 +23,7 @@ are pure: same input, same output; neither keeps state.  docs/http.md
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Final, Literal, TypeVar
 
@@ -96,6 +97,7 @@ def is_websocket_upgrade(request: h11.Request) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _client_address(ip: str) -> str:
     """``ip`` in canonical form; IPv4-mapped IPv6 as IPv4, no zone."""
     try:
@@ -109,6 +111,7 @@ def _client_address(ip: str) -> str:
     return str(address)
 
 
+@functools.lru_cache(maxsize=4096)
 def _node(address: str, port: int | None) -> bytes:
     """An RFC 7239 node: ``192.0.2.1``, ``"192.0.2.1:4711"``, ``"[2001:db8::1]:4711"``."""
     if port is not None and (type(port) is not int or not 0 <= port <= 0xFFFF):
@@ -258,11 +261,15 @@ def normalize_request(
     ]
     if websocket:
         headers += [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
+    # Every name and value here was validated by h11 when it parsed the
+    # client's request, or is ours (forwarding values, a checked Host):
+    # _parsed=True spares validating them all again on every request.
     return h11.Request(
         method=request.method,
         target=target,
         headers=[(b"Host", host), *headers],
         http_version=b"1.1",
+        _parsed=True,
     )
 
 
@@ -276,6 +283,8 @@ def normalize_response(message: _Message, *, websocket: bool = False) -> _Messag
     HTTP/1.0 client.
     """
     raw = message.headers.raw_items()
+    if not websocket and message.status_code >= 200 and _clean(raw):
+        return message  # the common case: nothing to remove, one framing field
     upgrade = comma_tokens([v for k, v in raw if k.lower() == b"upgrade"])
     headers = _drop_hop_by_hop(raw)
     if message.status_code >= 200:
@@ -290,4 +299,21 @@ def normalize_response(message: _Message, *, websocket: bool = False) -> _Messag
         headers=headers,
         http_version=b"1.1",  # h11 only writes HTTP/1.1
         reason=message.reason,
+        _parsed=True,  # names and values as h11 parsed them from the backend
     )
+
+
+def _clean(headers: list[Header]) -> bool:
+    """No hop-by-hop field and at most one framing field (``chunked`` if TE)?"""
+    framing = 0
+    for raw, value in headers:
+        name = raw.lower()
+        if name in _HOP_BY_HOP:
+            return False
+        if name == b"content-length":
+            framing += 1
+        elif name == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                return False
+            framing += 1
+    return framing <= 1
