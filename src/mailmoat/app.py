@@ -32,7 +32,7 @@ from .detect import LoginDetector
 from .detect.geo import GeoIP
 from .detect.reputation import Reputation
 from .errors import ConfigError, MailmoatError
-from .events import Emitter, EventSink, json_lines_sink
+from .events import Emitter, EventSink, NodeMetrics, json_lines_sink
 from .events.journal import JournalWriter
 from .net.http import B_BUSY as H_BUSY
 from .net.http import HttpService, serve_http
@@ -77,6 +77,8 @@ class Node:
     bound: dict[str, list[Address]] = field(default_factory=dict)
     accept_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False
+    #: Prometheus metrics counted from every event (served on the admin /metrics)
+    metrics: NodeMetrics | None = None
 
     def active_sessions(self) -> int:
         return sum(len(s.active) for s in self.services.values())
@@ -190,6 +192,8 @@ async def run_node(
         sink, close_log = json_lines_sink(config.log.events)
         sinks.append(sink)
     emitter = Emitter(config.node.name, sinks)
+    metrics = NodeMetrics()
+    emitter.sinks.append(metrics)
     async with contextlib.AsyncExitStack() as stack:
         if config.journal.enabled:
             await _start_journal(config, emitter, stack)
@@ -200,6 +204,7 @@ async def run_node(
             restore_snapshot(memory, snapshot_path, emitter)
         store = await open_store(config, memory, emitter, stack)
         node = Node(config, emitter, build_certs(config), rules=holder, store=store)
+        node.metrics = metrics
         detector: LoginDetector | None = LoginDetector(
             store,
             window=config.state.login_window,

@@ -1,0 +1,332 @@
+"""Prometheus metrics of one node, counted from its events (docs/metrics.md).
+
+:class:`NodeMetrics` is an event sink: the emitter hands it every event and it
+turns the few that matter into counters, gauges and histograms in a
+:class:`~prometheus_client.CollectorRegistry` of its own (never the global
+one, so that several nodes in one process do not share numbers).  The admin
+API serves :meth:`NodeMetrics.render` on ``/metrics``.
+
+A sink must never raise and never block: a malformed event is counted in
+``mailmoat_metrics_errors_total`` and otherwise ignored, and every label
+value is bounded.  Values from a closed set (outcomes, close reasons, TLS
+legs) map anything else to ``other``; open-ended values (rule ids, listener
+names, TLS versions, actions) are kept for the first :data:`MAX_LABEL_VALUES`
+distinct values of each label of each metric and become ``other`` beyond, so
+that no client can grow the node's memory by sending odd input.  No label
+ever carries a user name, an address or a session id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Final, final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+#: distinct values one label of one metric may take before the rest is ``other``
+MAX_LABEL_VALUES: Final = 500
+#: a label value longer than this is ``other`` (rule ids and names are short)
+MAX_LABEL_LENGTH: Final = 128
+OTHER: Final = "other"
+NONE: Final = "none"
+
+OUTCOMES: Final = frozenset({"success", "failure", "unknown"})
+TLS_LEGS: Final = frozenset({"client", "backend"})
+#: every ``session.close_reason`` the protocol sessions and drivers set
+#: (docs/events.md), plus ``unknown`` (a session that set none)
+CLOSE_REASONS: Final = frozenset(
+    {
+        "client_quit",
+        "client_logout",
+        "client_closed",
+        "client_gone",
+        "client_timeout",
+        "client_idle",
+        "client_protocol_error",
+        "tls_failed",
+        "starttls_injection",
+        "message_too_big",
+        "message_smuggling",
+        "message_bare_newline",
+        "message_line_too_long",
+        "message_rejected",
+        "pregreet",
+        "non_smtp_command",
+        "policy_deny",
+        "policy_ban",
+        "policy_tarpit",
+        "banned",
+        "pipelining_violation",
+        "too_many_errors",
+        "line_too_long",
+        "idle_timeout",
+        "http_refused",
+        "response_before_body",
+        "state_unavailable",
+        "backend_xclient_refused",
+        "backend_unavailable",
+        "backend_refused",
+        "backend_closed",
+        "backend_timeout",
+        "backend_protocol_error",
+        "backend_tls_failed",
+        "backend_starttls_missing",
+        "backend_starttls_refused",
+        "backend_starttls_injection",
+        "backend_preauth",
+        "backend_id_refused",
+        "shutdown",
+        "internal_error",
+        "unknown",
+    }
+)
+#: seconds: from a refused pregreeter (milliseconds) to a long IMAP IDLE
+SESSION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+
+
+def _number(value: object) -> float | None:
+    """A finite, non-negative number, or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        return None
+    return number
+
+
+@final
+class _Bounded:
+    """Label values with a cap on how many distinct ones each label keeps."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.seen: dict[str, set[str]] = {}
+
+    def closed(self, value: object, allowed: frozenset[str]) -> str:
+        if value is None or value == "":
+            return NONE
+        return value if isinstance(value, str) and value in allowed else OTHER
+
+    def open(self, key: str, value: object) -> str:
+        if value is None or value == "":
+            return NONE
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            return OTHER
+        text = str(value)
+        if len(text) > MAX_LABEL_LENGTH:
+            return OTHER
+        seen = self.seen.setdefault(key, set())
+        if text in seen:
+            return text
+        if len(seen) >= self.cap:
+            return OTHER
+        seen.add(text)
+        return text
+
+
+@final
+class NodeMetrics:
+    """An event sink that keeps the node's Prometheus metrics."""
+
+    def __init__(self, *, max_label_values: int = MAX_LABEL_VALUES) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._labels = _Bounded(max_label_values)
+        self._active: dict[tuple[str, str], int] = {}
+        r = self.registry
+        self.sessions = Counter(
+            "mailmoat_sessions",
+            "Sessions ended, by protocol, listener, outcome and close reason",
+            ["protocol", "listener", "outcome", "close_reason"],
+            registry=r,
+        )
+        self.sessions_active = Gauge(
+            "mailmoat_sessions_active",
+            "Sessions open now, by protocol and listener",
+            ["protocol", "listener"],
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "mailmoat_session_duration_seconds",
+            "How long sessions lasted, from accept to close",
+            ["protocol", "listener"],
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        self.verdicts = Counter(
+            "mailmoat_verdicts",
+            "Verdicts by rule and what was done (rule.match, client.banned, risk.threshold)",
+            ["rule_id", "action"],
+            registry=r,
+        )
+        self.auth_attempts = Counter(
+            "mailmoat_auth_attempts",
+            "Login attempts relayed to the backend, by protocol and outcome",
+            ["protocol", "outcome"],
+            registry=r,
+        )
+        self.tls_handshakes = Counter(
+            "mailmoat_tls_handshakes",
+            "TLS handshakes by leg (client or backend), version and outcome",
+            ["leg", "version", "outcome"],
+            registry=r,
+        )
+        self.journal_dropped = Counter(
+            "mailmoat_journal_dropped_events",
+            "Events the journal writer could not take (its queue was full)",
+            registry=r,
+        )
+        self.rules_reloads = Counter(
+            "mailmoat_rules_reloads",
+            "Rule loads and reloads by trigger and outcome",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.rules_loaded = Gauge(
+            "mailmoat_rules_loaded",
+            "Rules in force (after a failed reload: the previous set, still in force)",
+            registry=r,
+        )
+        self.alerts = Counter(
+            "mailmoat_alerts",
+            "Alert events (event.kind alert) by action",
+            ["action"],
+            registry=r,
+        )
+        self.bans = Counter(
+            "mailmoat_bans",
+            "Client addresses banned, by the rule that decided the ban",
+            ["rule_id"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "mailmoat_metrics_errors",
+            "Events the metrics sink could not count (malformed)",
+            registry=r,
+        )
+        self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
+            "session.open": self._session_open,
+            "session.close": self._session_close,
+            "rule.match": self._rule_match,
+            "client.banned": self._client_banned,
+            "risk.threshold": self._risk_threshold,
+            "client.ban": self._client_ban,
+            "auth.attempt": self._auth_attempt,
+            "tls.handshake": self._tls_handshake,
+            "journal.dropped": self._journal_dropped,
+            "rules.reload": self._rules_reload,
+        }
+
+    # ------------------------------------------------------------------ the sink
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        try:
+            action = event.get("event.action")
+            if not isinstance(action, str):
+                raise TypeError("event.action is not a string")  # noqa: TRY301 - counted below
+            handler = self._handlers.get(action)
+            if handler is not None:
+                handler(event)
+            if event.get("event.kind") == "alert":
+                self.alerts.labels(self._labels.open("alerts.action", action)).inc()
+        except Exception:  # noqa: BLE001 - a sink never raises: count it and go on
+            self.errors.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # ------------------------------------------------------------------ handlers
+
+    def _where(self, key: str, event: Mapping[str, Any]) -> tuple[str, str]:
+        return (
+            self._labels.open(f"{key}.protocol", event.get("session.protocol")),
+            self._labels.open(f"{key}.listener", event.get("session.listener")),
+        )
+
+    def _outcome(self, event: Mapping[str, Any]) -> str:
+        return self._labels.closed(event.get("event.outcome"), OUTCOMES)
+
+    def _session_open(self, event: Mapping[str, Any]) -> None:
+        where = self._where("sessions_active", event)
+        self._active[where] = self._active.get(where, 0) + 1
+        self.sessions_active.labels(*where).set(self._active[where])
+
+    def _session_close(self, event: Mapping[str, Any]) -> None:
+        where = self._where("sessions_active", event)
+        if self._active.get(where, 0) > 0:  # never below 0 for a close without an open
+            self._active[where] -= 1
+            self.sessions_active.labels(*where).set(self._active[where])
+        protocol, listener = self._where("sessions", event)
+        reason = self._labels.closed(event.get("session.close_reason"), CLOSE_REASONS)
+        self.sessions.labels(protocol, listener, self._outcome(event), reason).inc()
+        ms = _number(event.get("session.duration_ms"))
+        if ms is not None:
+            self.session_duration.labels(*self._where("duration", event)).observe(ms / 1000)
+
+    def _verdict(self, rule_id: object, event: Mapping[str, Any]) -> None:
+        self.verdicts.labels(
+            self._labels.open("verdicts.rule_id", rule_id),
+            self._labels.open("verdicts.action", event.get("verdict.action")),
+        ).inc()
+
+    def _rule_match(self, event: Mapping[str, Any]) -> None:
+        self._verdict(event.get("rule.id"), event)
+
+    def _client_banned(self, event: Mapping[str, Any]) -> None:
+        self._verdict("ban-list", event)
+
+    def _risk_threshold(self, event: Mapping[str, Any]) -> None:
+        self._verdict("risk-threshold", event)
+
+    def _client_ban(self, event: Mapping[str, Any]) -> None:
+        self.bans.labels(self._labels.open("bans.rule_id", event.get("rule.id"))).inc()
+
+    def _auth_attempt(self, event: Mapping[str, Any]) -> None:
+        protocol = self._labels.open("auth.protocol", event.get("session.protocol"))
+        self.auth_attempts.labels(protocol, self._outcome(event)).inc()
+
+    def _tls_handshake(self, event: Mapping[str, Any]) -> None:
+        self.tls_handshakes.labels(
+            self._labels.closed(event.get("tls.leg"), TLS_LEGS),
+            self._labels.open("tls.version", event.get("tls.version")),
+            self._outcome(event),
+        ).inc()
+
+    def _journal_dropped(self, event: Mapping[str, Any]) -> None:
+        dropped = _number(event.get("journal.dropped"))
+        if dropped is None:
+            raise TypeError("journal.dropped is not a count")
+        self.journal_dropped.inc(dropped)
+
+    def _rules_reload(self, event: Mapping[str, Any]) -> None:
+        self.rules_reloads.labels(
+            self._labels.open("rules.trigger", event.get("rules.trigger")), self._outcome(event)
+        ).inc()
+        count = _number(event.get("rules.count"))
+        if count is not None:
+            self.rules_loaded.set(count)
