@@ -289,3 +289,95 @@ def test_imap_listener_and_identity_fit(tmp_path: Path, mailmoat_tls: MailmoatTL
     ok = write(tmp_path, text, mailmoat_tls)
     cfg = load_config(ok)
     assert [lc.protocol for lc in cfg.listeners] == ["smtp", "imap"]
+
+
+HTTP = """\
+[node]
+name = "web"
+data_dir = "data"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[[backend]]
+name = "webmail"
+address = "127.0.0.1:8080"
+client_identity = "forwarded"
+
+[[listener]]
+name = "webmail"
+protocol = "http"
+listen = "0.0.0.0:443"
+tls = "implicit"
+backend = "webmail"
+max_body_size = 1048576
+header_timeout = 5
+trusted_proxies = ["10.0.0.0/8", "2001:db8::1"]
+deny_page = "deny.html"
+
+[listener.login]
+path = "/"
+user_field = "_user"
+password_field = "_pass"
+success_status = [302]
+success_cookie = "roundcube_sessauth"
+
+[[listener]]
+name = "plain"
+protocol = "http"
+listen = "0.0.0.0:80"
+redirect_https = "host"
+"""
+
+
+def test_http_listener_loads(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
+    cfg = load_config(write(tmp_path, HTTP, mailmoat_tls))
+    web, plain = cfg.listeners
+    assert web.http is not None
+    assert web.idle_timeout == 60.0  # the keep-alive default, not SMTP's 300
+    assert web.http.max_body_size == 1048576
+    assert web.http.header_timeout == 5.0
+    assert web.http.trusted_proxies == ("10.0.0.0/8", "2001:db8::1/128")
+    assert web.http.deny_page == tmp_path / "deny.html"
+    login = web.http.login
+    assert login is not None
+    assert (login.path, login.user_field, login.password_field) == ("/", "_user", "_pass")
+    assert login.success_status == (302,)
+    assert login.success_cookie == "roundcube_sessauth"
+    assert plain.http is not None
+    assert plain.http.redirect_https == "host"
+    assert plain.backend == ""  # a redirect-only listener needs none
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        ('tls = "implicit"', 'tls = "starttls"', "an http listener has no STARTTLS"),
+        ('redirect_https = "host"', 'redirect_https = "http://x"', "use 'host'"),
+        ('"10.0.0.0/8"', '"10.0.0.0/33"', "trusted_proxies: '10.0.0.0/33' is not an IP"),
+        ('user_field = "_user"\n', "", "[listener.login] needs user_field"),
+        ("success_status = [302]", 'success_status = ["302"]', "list of HTTP status codes"),
+        ('path = "/"', 'path = "login"', "must start with '/'"),
+        ("success_cookie", "sucess_cookie", "unknown key 'sucess_cookie' in [listener.login]"),
+        ("max_body_size = 1048576", "max_body_size = -1", "max_body_size must be at least 0"),
+        ('client_identity = "forwarded"', 'client_identity = "xclient"', "an http listener"),
+    ],
+)
+def test_http_listener_errors_name_line_and_fix(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS, old: str, new: str, fragment: str
+) -> None:
+    assert old in HTTP
+    p = write(tmp_path, HTTP.replace(old, new, 1), mailmoat_tls)
+    errs = errors_of(p)
+    assert any(fragment in e for e in errs), errs
+    assert all(e.startswith(f"{p}:") for e in errs)
+
+
+def test_http_keys_on_a_mail_listener_are_unknown(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS
+) -> None:
+    text = GOOD.replace("require_tls = true", "require_tls = true\nheader_timeout = 5")
+    p = write(tmp_path, text, mailmoat_tls)
+    (err,) = errors_of(p)
+    assert "unknown key 'header_timeout' in [listener]" in err
