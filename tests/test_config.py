@@ -332,6 +332,11 @@ redirect_https = "host"
 
 
 def test_http_listener_loads(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
+    path = write(tmp_path, HTTP, mailmoat_tls)
+    (err,) = errors_of(path)
+    assert "deny_page" in err
+    assert "does not exist" in err
+    (tmp_path / "deny.html").write_text("<p>no</p>")
     cfg = load_config(write(tmp_path, HTTP, mailmoat_tls))
     web, plain = cfg.listeners
     assert web.http is not None

@@ -940,6 +940,17 @@ def parse_config(text: str, path: Path | None = None, *, check_files: bool = Tru
         ctx.errors.append(ConfigError("no [[listener]] defined: nothing to do", where, None))
 
     if check_files:
+        for lc in listeners:
+            page = lc.http.deny_page if lc.http is not None else None
+            if page is not None and not (page.is_file() and os.access(page, os.R_OK)):
+                ctx.errors.append(
+                    ConfigError(
+                        f"listener {lc.name!r}: deny_page {str(page)!r} does not exist or is not "
+                        "readable (an HTML file; leave deny_page out for the built-in page)",
+                        where,
+                        lc.line,
+                    )
+                )
         for c in tls.certs:
             for p, what in ((c.cert, "certificate"), (c.key, "key")):
                 if not p.is_file():
