@@ -561,3 +561,56 @@ async def test_webapp_login_through_nginx_with_fresh_backend(
     assert "inbox of alice" in text
     event = await rn.wait_for("auth.attempt", event__outcome="success")
     assert event["auth.user"] == "alice"
+
+
+async def test_tarpit_is_429_and_detect_mode_refuses_nothing(
+    nginx: NginxInstance, start_node: StartNode, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "slow.toml").write_text(
+        """
+[[rule]]
+id = "T-HTTP-SLOW"
+name = "slow down scanners"
+phase = "request"
+protocols = ["http"]
+when = 'http.path.endsWith(".php")'
+action = "tarpit"
+tarpit = "7s"
+severity = "low"
+
+[[rule]]
+id = "T-HTTP-DENY"
+name = "deny a path"
+phase = "request"
+protocols = ["http"]
+when = 'http.path == "/static/small.html" && http.query == "deny-me"'
+action = "deny"
+severity = "low"
+"""
+    )
+    rn = await start_web(start_node, nginx.address, rules=rules)
+    base = f"http://127.0.0.1:{rn.port('web')}"
+    got = await acurl("-D", "-", "-o", "/dev/null", f"{base}/wp-login.php")
+    head = got.stdout.decode()
+    assert head.startswith("HTTP/1.1 429"), head
+    assert "Retry-After: 7" in head
+    close = await rn.wait_for("session.close")
+    assert close["session.close_reason"] == "policy_tarpit"
+
+    detect = await start_node(
+        http_config(str(nginx.address), rules=rules, data_dir="data2").replace(
+            'name = "http-test"', 'name = "http-detect"\nmode = "detect"'
+        )
+    )
+    got = await acurl(
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        f"http://127.0.0.1:{detect.port('web')}/static/small.html?deny-me",
+    )
+    assert got.stdout == b"200"
+    match = await detect.wait_for("rule.match", rule__id="T-HTTP-DENY")
+    assert match["verdict.action"] == "detect"
