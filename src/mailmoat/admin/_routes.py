@@ -46,6 +46,7 @@ from mailmoat.events import wall_clock
 from mailmoat.events.journal import EventFilter, Journal, is_blocked
 from mailmoat.state import StoreUnavailable
 
+from ._page import add_page_routes
 from ._server import AdminServer, Handler, Request, Response
 
 if TYPE_CHECKING:
@@ -716,3 +717,4 @@ def add_node_routes(server: AdminServer, node: Node) -> None:
     server.route("POST", "/api/sessions/{id}/label", _handles_bad_parameters(post_label))
     server.route("POST", "/api/allow", _handles_bad_parameters(post_allow))
     server.route("GET", "/metrics", get_metrics)
+    add_page_routes(server)  # the review page (docs/review.md), no token: it holds no data

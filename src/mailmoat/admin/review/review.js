@@ -1,0 +1,596 @@
+// mailmoat review page: blocked sessions, one session's story, unban / allow / label.
+//
+// Everything shown comes from the admin API (docs/admin.md) and much of it from
+// the attacker (user names, HELO names, transcripts): it only ever reaches the
+// page as text (textContent, text nodes), never as markup.
+"use strict";
+
+(function () {
+  const TOKEN_KEY = "mailmoat.admin.token";
+  const FILTERS = ["protocol", "rule", "user", "ip", "country"];
+  const RANGES = ["1h", "24h", "7d", "custom"];
+  const DEFAULT_RANGE = "24h";
+
+  const $ = (id) => document.getElementById(id);
+
+  // -- DOM helpers: text only ------------------------------------------------------
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "class") node.className = value;
+      else node.setAttribute(key, value);
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function show(id) {
+    for (const section of ["login", "list-view", "detail-view"]) {
+      $(section).hidden = section !== id;
+    }
+    $("logout").hidden = id === "login";
+  }
+
+  function setStatus(node, text, kind) {
+    node.textContent = text;
+    node.className = "status" + (kind ? " " + kind : "");
+  }
+
+  function display(value) {
+    if (value === null || value === undefined || value === "") return "\u2014";
+    if (typeof value === "object") return JSON.stringify(value);
+    return String(value);
+  }
+
+  function when(stamp) {
+    if (typeof stamp !== "string") return display(stamp);
+    return stamp.replace("T", " ").replace(/\.\d+Z$|Z$/, "");
+  }
+
+  // -- the token and the API -------------------------------------------------------
+
+  class Unauthorized extends Error {}
+
+  function token() {
+    return sessionStorage.getItem(TOKEN_KEY) || "";
+  }
+
+  function showLogin(message) {
+    show("login");
+    const error = $("login-error");
+    error.textContent = message || "";
+    error.hidden = !message;
+    const input = $("token");
+    input.value = "";
+    input.focus();
+  }
+
+  async function api(method, path, body) {
+    const headers = { Authorization: "Bearer " + token() };
+    const init = { method, headers, cache: "no-store", credentials: "omit" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(path, init);
+    } catch (exc) {
+      return { ok: false, status: 0, data: null, error: "cannot reach the node: " + exc.message };
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_exc) {
+      data = null;
+    }
+    if (response.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      showLogin("Wrong token: the node refused it (401 Unauthorized). Enter the admin token again.");
+      throw new Unauthorized();
+    }
+    const error =
+      data && typeof data.error === "string" ? data.error : response.statusText || "failed";
+    return { ok: response.ok, status: response.status, data, error };
+  }
+
+  // -- the URL hash: filters and the session shown -----------------------------------
+
+  function readHash() {
+    const params = new URLSearchParams(location.hash.replace(/^#/, ""));
+    const state = { range: DEFAULT_RANGE, since: "", until: "", session: "" };
+    for (const name of FILTERS) state[name] = (params.get(name) || "").trim();
+    const range = params.get("range");
+    if (range && RANGES.includes(range)) state.range = range;
+    if (state.range === "custom") {
+      state.since = (params.get("since") || "").trim();
+      state.until = (params.get("until") || "").trim();
+    }
+    state.session = (params.get("session") || "").trim();
+    return state;
+  }
+
+  function hashOf(state) {
+    const params = new URLSearchParams();
+    for (const name of FILTERS) if (state[name]) params.set(name, state[name]);
+    params.set("range", state.range || DEFAULT_RANGE);
+    if (state.range === "custom") {
+      if (state.since) params.set("since", state.since);
+      if (state.until) params.set("until", state.until);
+    }
+    if (state.session) params.set("session", state.session);
+    return "#" + params.toString();
+  }
+
+  function go(state) {
+    const hash = hashOf(state);
+    if (location.hash === hash) route();
+    else location.hash = hash;
+  }
+
+  // -- the list of blocked sessions ------------------------------------------------------
+
+  function fillFilters(state) {
+    for (const name of FILTERS) $("f-" + name).value = state[name];
+    $("f-range").value = state.range;
+    $("f-since").value = state.since;
+    $("f-until").value = state.until;
+    showCustom();
+  }
+
+  function showCustom() {
+    const custom = $("f-range").value === "custom";
+    for (const node of document.querySelectorAll("#filters .custom")) node.hidden = !custom;
+  }
+
+  function filtersFromForm() {
+    const state = readHash();
+    for (const name of FILTERS) state[name] = $("f-" + name).value.trim();
+    state.range = $("f-range").value;
+    state.since = state.range === "custom" ? $("f-since").value.trim() : "";
+    state.until = state.range === "custom" ? $("f-until").value.trim() : "";
+    state.session = "";
+    return state;
+  }
+
+  function eventsQuery(state) {
+    const params = new URLSearchParams({ blocked: "true" });
+    for (const name of FILTERS) if (state[name]) params.set(name, state[name]);
+    if (state.range !== "custom") params.set("since", state.range);
+    else {
+      if (state.since) params.set("since", state.since);
+      if (state.until) params.set("until", state.until);
+    }
+    return "/api/events?" + params.toString();
+  }
+
+  // one row per session, newest first (the events come newest first)
+  function sessionRows(events) {
+    const rows = new Map();
+    for (const e of events) {
+      const key = e["session.id"] || "event " + rows.size;
+      let row = rows.get(key);
+      if (!row) {
+        row = {
+          id: e["session.id"] || "",
+          time: e["@timestamp"],
+          protocol: "",
+          ip: "",
+          country: "",
+          user: "",
+          rules: [],
+          actions: [],
+          close: "",
+        };
+        rows.set(key, row);
+      }
+      row.protocol = row.protocol || e["session.protocol"] || "";
+      row.ip = row.ip || e["client.ip"] || "";
+      row.country = row.country || e["client.geo.country"] || "";
+      row.user = row.user || e["auth.user"] || "";
+      const rule = e["rule.id"];
+      if (rule && !row.rules.includes(rule)) row.rules.push(rule);
+      const action = e["verdict.action"];
+      if (e["event.kind"] === "verdict" && action && !row.actions.includes(action)) {
+        row.actions.push(action);
+      }
+      if (e["event.action"] === "session.close") row.close = e["session.close_reason"] || "";
+    }
+    return [...rows.values()];
+  }
+
+  let listRequest = 0;
+
+  async function showList(state) {
+    show("list-view");
+    fillFilters(state);
+    const tbody = $("sessions").tBodies[0];
+    const status = $("list-status");
+    const mine = ++listRequest;
+    setStatus(status, "Loading\u2026", "");
+    const r = await api("GET", eventsQuery(state));
+    if (mine !== listRequest) return;
+    tbody.replaceChildren();
+    if (!r.ok) {
+      setStatus(status, "The node refused the query (" + r.status + "): " + r.error, "error");
+      return;
+    }
+    const events = Array.isArray(r.data.events) ? r.data.events : [];
+    const rows = sessionRows(events);
+    for (const row of rows) {
+      const link = el("a", { href: hashOf({ ...state, session: row.id }) }, row.id || "\u2014");
+      const tr = el(
+        "tr",
+        { "data-session": row.id },
+        el("td", { class: "nowrap" }, when(row.time)),
+        el("td", {}, display(row.protocol)),
+        el("td", { class: "mono" }, display(row.ip)),
+        el("td", {}, display(row.country)),
+        el("td", { class: "user" }, display(row.user)),
+        el("td", { class: "mono" }, row.rules.length ? row.rules.join(", ") : "\u2014"),
+        el("td", {}, row.actions.join(", ") || row.close || "\u2014"),
+        el("td", { class: "mono" }, link),
+      );
+      if (row.id) {
+        tr.classList.add("clickable");
+        tr.addEventListener("click", (event) => {
+          if (event.target.closest("a")) return;
+          location.hash = hashOf({ ...state, session: row.id });
+        });
+      }
+      tbody.append(tr);
+    }
+    let text = rows.length
+      ? rows.length + (rows.length === 1 ? " blocked session" : " blocked sessions")
+      : "No blocked sessions match these filters.";
+    if (r.data.count >= r.data.limit) {
+      text += " (the newest " + r.data.limit + " events only: narrow the filters to see older ones)";
+    }
+    setStatus(status, text, rows.length ? "" : "empty");
+  }
+
+  // -- one session -----------------------------------------------------------------------
+
+  function kvTable(pairs) {
+    const table = el("table", { class: "kv" });
+    for (const [key, value] of pairs) {
+      table.append(el("tr", {}, el("th", {}, key), el("td", {}, display(value))));
+    }
+    return table;
+  }
+
+  function section(title, ...children) {
+    return el("section", { class: "card" }, el("h3", {}, title), ...children);
+  }
+
+  function labelList(labels) {
+    if (!labels.length) return el("p", { class: "empty" }, "no labels");
+    const ul = el("ul", { class: "labels" });
+    for (const l of labels) {
+      ul.append(
+        el(
+          "li",
+          {},
+          el("strong", {}, display(l.label)),
+          " by " + display(l.admin_client) + " at " + when(l["@timestamp"]),
+          l.note ? el("span", { class: "note" }, ": " + l.note) : null,
+        ),
+      );
+    }
+    return ul;
+  }
+
+  let current = null;
+
+  function renderSession(data) {
+    const s = data.summary || {};
+    const client = s.client || {};
+    const tls = s.tls || {};
+    const close = s.close || {};
+    const body = $("d-body");
+    body.replaceChildren();
+
+    body.append(
+      section(
+        "Session",
+        kvTable([
+          ["protocol", s.protocol],
+          ["listener", s.listener],
+          ["node", s.node],
+          ["start", when(s.start)],
+          ["end", when(s.end)],
+          ["blocked", s.blocked ? "YES" : "no"],
+          ["close reason", close.reason],
+          ["duration (ms)", close.duration_ms],
+          ["bytes in / out", display(close.client_bytes) + " / " + display(close.server_bytes)],
+          ["backend", close.backend],
+        ]),
+      ),
+    );
+
+    const clientPairs = [
+      ["ip", client.ip],
+      ["port", client.port],
+    ];
+    for (const [key, value] of Object.entries(client)) {
+      if (key !== "ip" && key !== "port") clientPairs.push([key, value]);
+    }
+    body.append(section("Client", kvTable(clientPairs)));
+
+    body.append(
+      section(
+        "TLS",
+        kvTable([
+          ["active", tls.active ? "yes" : "no"],
+          ["handshake", tls.outcome],
+          ["version", tls.version],
+          ["cipher", tls.cipher],
+          ["JA4", tls.ja4],
+          ["JA3", tls.ja3],
+          ["SNI", tls.sni],
+          ["fallback SCSV", tls.fallback_scsv],
+          ["client max version", tls.client_max_version],
+        ]),
+      ),
+    );
+
+    const auth = Array.isArray(s.auth) ? s.auth : [];
+    const identity = section("Identity", kvTable([["user", s.user]]));
+    if (auth.length) {
+      const table = el(
+        "table",
+        { class: "grid" },
+        el("tr", {}, el("th", {}, "time"), el("th", {}, "user"), el("th", {}, "mechanism"), el("th", {}, "outcome")),
+      );
+      for (const a of auth) {
+        table.append(
+          el(
+            "tr",
+            {},
+            el("td", {}, when(a["@timestamp"])),
+            el("td", { class: "user" }, display(a.user)),
+            el("td", {}, display(a.mechanism)),
+            el("td", {}, display(a.outcome)),
+          ),
+        );
+      }
+      identity.append(el("h4", {}, "login attempts"), table);
+    } else {
+      identity.append(el("p", { class: "empty" }, "no login attempts"));
+    }
+    body.append(identity);
+
+    const verdicts = Array.isArray(s.verdicts) ? s.verdicts : [];
+    const verdictSection = section("Verdicts");
+    verdictSection.classList.add("wide");
+    if (!verdicts.length) verdictSection.append(el("p", { class: "empty" }, "no verdicts"));
+    for (const v of verdicts) {
+      const title = v.rule_id ? v.rule_id + (v.rule_name ? " " + v.rule_name : "") : display(v.action);
+      const meta = [
+        "action " + display(v.verdict),
+        v.severity ? "severity " + v.severity : null,
+        v.phase ? "at " + v.phase : null,
+        v.blocked ? "blocked" : "not blocked",
+        when(v["@timestamp"]),
+      ].filter(Boolean);
+      const card = el(
+        "div",
+        { class: "verdict" + (v.blocked ? " blocked" : "") },
+        el("h4", {}, el("span", { class: "rule-id" }, title)),
+        el("p", { class: "meta" }, meta.join(" \u00b7 ")),
+      );
+      const evidence = v.evidence && typeof v.evidence === "object" ? Object.entries(v.evidence) : [];
+      card.append(evidence.length ? kvTable(evidence) : el("p", { class: "empty" }, "no evidence recorded"));
+      verdictSection.append(card);
+    }
+    body.append(verdictSection);
+
+    const labels = Array.isArray(s.labels) ? s.labels : [];
+    body.append(el("section", { class: "card", id: "d-labels" }, el("h3", {}, "Labels"), labelList(labels)));
+
+    const lines = Array.isArray(s.transcript) ? s.transcript : [];
+    const transcript = section("Transcript");
+    transcript.classList.add("wide");
+    if (lines.length) {
+      const text = lines
+        .map((l) => (l && l.dir === "c" ? "C: " : "S: ") + (l && l.line !== undefined ? String(l.line) : ""))
+        .join("\n");
+      transcript.append(el("pre", { class: "transcript" }, text));
+      const events = Array.isArray(data.events) ? data.events : [];
+      const left = events
+        .filter((e) => e["event.action"] === "session.transcript")
+        .reduce((n, e) => n + (Number(e["transcript.truncated"]) || 0), 0);
+      if (left > 0) transcript.append(el("p", { class: "empty" }, left + " lines left out"));
+    } else {
+      transcript.append(el("p", { class: "empty" }, "no transcript"));
+    }
+    body.append(transcript);
+
+    const events = Array.isArray(data.events) ? data.events : [];
+    const table = el(
+      "table",
+      { class: "grid" },
+      el("tr", {}, el("th", {}, "time"), el("th", {}, "kind"), el("th", {}, "action"), el("th", {}, "outcome")),
+    );
+    for (const e of events) {
+      table.append(
+        el(
+          "tr",
+          {},
+          el("td", { class: "nowrap" }, when(e["@timestamp"])),
+          el("td", {}, display(e["event.kind"])),
+          el("td", { class: "mono" }, display(e["event.action"])),
+          el("td", {}, display(e["event.outcome"])),
+        ),
+      );
+    }
+    const raw = el("pre", { class: "raw" }, JSON.stringify(events, null, 2));
+    body.append(
+      el(
+        "details",
+        { class: "card wide" },
+        el("summary", {}, "All events (" + events.length + ")"),
+        table,
+        el("details", {}, el("summary", {}, "as JSON"), raw),
+      ),
+    );
+
+    const ip = client.ip ? String(client.ip) : "";
+    for (const span of document.querySelectorAll("#d-actions .ip")) span.textContent = ip;
+    $("unban").hidden = $("allow").hidden = !ip;
+    $("d-actions").hidden = false;
+  }
+
+  async function showDetail(state) {
+    show("detail-view");
+    const id = state.session;
+    current = null;
+    $("d-id").textContent = id;
+    $("d-body").replaceChildren();
+    $("d-actions").hidden = true;
+    setStatus($("action-status"), "", "");
+    $("label-note").value = "";
+    $("back").setAttribute("href", hashOf({ ...state, session: "" }));
+    setStatus($("d-status"), "Loading\u2026", "");
+    const r = await api("GET", "/api/sessions/" + encodeURIComponent(id));
+    if (readHash().session !== id) return;
+    if (!r.ok) {
+      setStatus($("d-status"), "Cannot show this session (" + r.status + "): " + r.error, "error");
+      return;
+    }
+    setStatus($("d-status"), "", "");
+    current = r.data;
+    renderSession(r.data);
+  }
+
+  // -- the actions -----------------------------------------------------------------------
+
+  async function act(button, run) {
+    const status = $("action-status");
+    const buttons = document.querySelectorAll("#d-actions button");
+    for (const b of buttons) b.disabled = true;
+    setStatus(status, "Working\u2026", "");
+    try {
+      const [ok, text] = await run();
+      setStatus(status, text, ok ? "ok" : "error");
+    } catch (exc) {
+      if (!(exc instanceof Unauthorized)) setStatus(status, "Failed: " + exc.message, "error");
+    } finally {
+      for (const b of buttons) b.disabled = false;
+    }
+  }
+
+  function clientIp() {
+    return current && current.summary && current.summary.client ? String(current.summary.client.ip || "") : "";
+  }
+
+  function unban() {
+    const ip = clientIp();
+    return act($("unban"), async () => {
+      const r = await api("POST", "/api/unban", { ip });
+      if (r.ok) return [true, "Unbanned " + ip + "."];
+      return [false, "Unban failed (" + r.status + "): " + r.error];
+    });
+  }
+
+  function allow() {
+    const ip = clientIp();
+    const sure = window.confirm(
+      "Allow-list " + ip + "?\n\nIt is added to the trusted_networks list and the rules are " +
+        "reloaded: sessions from this address are then trusted, without the rules that " +
+        "would block them.",
+    );
+    if (!sure) {
+      setStatus($("action-status"), "Allow-listing " + ip + " cancelled.", "");
+      return undefined;
+    }
+    const id = current ? current.session_id : "";
+    return act($("allow"), async () => {
+      const r = await api("POST", "/api/allow", {
+        kind: "ip",
+        value: ip,
+        comment: "review page, session " + id,
+      });
+      if (!r.ok) return [false, "Allow-listing failed (" + r.status + "): " + r.error];
+      if (!r.data.added) return [true, String(r.data.message || "Already allow-listed.")];
+      return [true, "Added " + r.data.value + " to " + r.data.list + " (" + r.data.file + "); the rules were reloaded."];
+    });
+  }
+
+  function label(value) {
+    const note = $("label-note").value.trim();
+    const id = current ? current.session_id : "";
+    return act(value === "false_positive" ? $("label-fp") : $("label-confirmed"), async () => {
+      const body = { label: value };
+      if (note) body.note = note;
+      const r = await api("POST", "/api/sessions/" + encodeURIComponent(id) + "/label", body);
+      if (!r.ok) return [false, "Labelling failed (" + r.status + "): " + r.error];
+      const event = r.data.event || {};
+      if (current && current.session_id === id) {
+        const labels = current.summary.labels || (current.summary.labels = []);
+        labels.push({
+          label: event["label.value"],
+          note: event["label.note"],
+          admin_client: event["admin.client"],
+          "@timestamp": event["@timestamp"],
+        });
+        $("d-labels").replaceChildren(el("h3", {}, "Labels"), labelList(labels));
+      }
+      $("label-note").value = "";
+      return [true, "Labelled " + value + (note ? " (note: " + note + ")" : "") + "."];
+    });
+  }
+
+  // -- routing ---------------------------------------------------------------------------
+
+  async function route() {
+    if (!token()) {
+      showLogin("");
+      return;
+    }
+    const state = readHash();
+    try {
+      if (state.session) await showDetail(state);
+      else await showList(state);
+    } catch (exc) {
+      if (!(exc instanceof Unauthorized)) throw exc;
+    }
+  }
+
+  function start() {
+    $("login-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const value = $("token").value.trim();
+      if (!value) return;
+      if (/[^\x21-\x7e]/.test(value)) {
+        showLogin("That is not a token: it has spaces or characters outside printable ASCII.");
+        return;
+      }
+      sessionStorage.setItem(TOKEN_KEY, value);
+      $("token").value = "";
+      route();
+    });
+    $("filters").addEventListener("submit", (event) => {
+      event.preventDefault();
+      go(filtersFromForm());
+    });
+    $("f-range").addEventListener("change", showCustom);
+    $("reset").addEventListener("click", () => go({ range: DEFAULT_RANGE }));
+    $("logout").addEventListener("click", () => {
+      sessionStorage.removeItem(TOKEN_KEY);
+      showLogin("");
+    });
+    $("unban").addEventListener("click", unban);
+    $("allow").addEventListener("click", allow);
+    $("label-fp").addEventListener("click", () => label("false_positive"));
+    $("label-confirmed").addEventListener("click", () => label("confirmed"));
+    window.addEventListener("hashchange", route);
+    route();
+  }
+
+  start();
+})();
