@@ -24,6 +24,11 @@ ones, it asserts:
 * every request h11 parses from screened bytes survives ``normalize_request``
   (at most one framing field, no hop-by-hop field, h11 can send it) and
   ``request_fields``;
+* the login path on screened requests, as the proxy runs it: ``LoginForm.matches``,
+  then ``FormExtractor`` with the request's own ``Content-Type`` fed the body
+  as h11 delivers it, then ``request_fields(request, form)``: nothing raises,
+  every body octet is counted, no secret field comes out, and the facts'
+  ``form`` is the extractor's;
 * ``FormExtractor`` never raises on the input taken as a body (urlencoded,
   multipart, JSON; whole and split), and no secret field name comes out.
 """
@@ -155,12 +160,32 @@ def check_forwarding(request: h11.Request) -> None:
             assert fields["headers"][secret].endswith("***")
 
 
+def check_login_body(request: h11.Request, pieces: list[bytes]) -> None:
+    """What the proxy does with a login request's body (net/http.py ``_read_login_body``)."""
+    SPEC.matches(request)
+    content_type = next((v for k, v in request.headers if k == b"content-type"), None)
+    extractor = FormExtractor(SPEC, content_type)
+    for piece in pieces:
+        extractor.feed(piece)
+    form = extractor.finish()
+    assert form.size == sum(len(piece) for piece in pieces)
+    assert all(SECRET_FIELD_RE.search(name) is None for name in form.fields)
+    assert SPEC.password_field not in form.fields
+    if form.user is not None:
+        assert form.fields[SPEC.user_field] == form.user
+        assert not form.ambiguous
+    fields = request_fields(request, form)
+    assert fields["form"] == form.fields
+
+
 def differential(passed: bytes, heads: list[ScreenedHead]) -> None:
     """Drive h11 over what the screen passed; compare what both saw."""
     conn = h11.Connection(h11.SERVER)
     conn.receive_data(passed)
     index = 0
     current: ScreenedHead | None = None
+    request: h11.Request | None = None
+    pieces: list[bytes] = []
     body = 0
     while True:
         try:
@@ -169,7 +194,7 @@ def differential(passed: bytes, heads: list[ScreenedHead]) -> None:
             return  # h11 is allowed to be stricter than the screen
         if isinstance(event, h11.Request):
             assert index < len(heads), "h11 parsed a request the screen did not screen"
-            current, body = heads[index], 0
+            current, request, body, pieces = heads[index], event, 0, []
             index += 1
             assert (event.method, event.target, event.http_version) == (
                 current.method,
@@ -183,10 +208,13 @@ def differential(passed: bytes, heads: list[ScreenedHead]) -> None:
             check_forwarding(event)
         elif isinstance(event, h11.Data):
             body += len(event.data)
+            pieces.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
             assert current is not None
+            assert request is not None
             if current.framing != "chunked":
                 assert body == current.content_length
+            check_login_body(request, pieces)
             conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
             conn.send(h11.EndOfMessage())
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:

@@ -925,6 +925,19 @@ def test_forwarding_fields_untrusted() -> None:
     ]
 
 
+def test_underscore_spellings_of_forwarding_fields_are_dropped() -> None:
+    """X-Forwarded_For would become HTTP_X_FORWARDED_FOR in a CGI/WSGI server."""
+    request = parse_request(
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n"
+        b"Transfer_Encoding: chunked\r\nX_Custom_Field: kept\r\n\r\n"
+    )
+    for trusted in (False, True):
+        out = normalize_request(request, client_ip="192.0.2.7", trusted=trusted)
+        assert b"6.6.6.6" not in b"".join(v for _, v in headers_of(out))
+        assert values(out, b"transfer_encoding") == []
+        assert values(out, b"x_custom_field") == [b"kept"]
+
+
 def test_forwarding_fields_trusted_append() -> None:
     request = parse_request(
         b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.9, 10.0.0.1\r\n"

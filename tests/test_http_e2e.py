@@ -99,6 +99,11 @@ def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     )
 
 
+def logged(nginx: NginxInstance, marker: str) -> bool:
+    """Did any request carrying ``marker`` reach nginx?"""
+    return any(marker in json.dumps(entry) for entry in nginx.access_log())
+
+
 async def acurl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     return await trio.to_thread.run_sync(lambda: curl(*args, timeout=timeout))
 
@@ -390,7 +395,7 @@ severity = "high"
             "-",
             "-d",
             f"user=alice&password=wrong{i}",
-            f"{base}/login",
+            f"{base}/login?bf-attempt-{i}",
         )
         statuses.append(got.stdout.split(b"\r\n")[0])
     assert b"200" in statuses[0]
@@ -407,8 +412,12 @@ severity = "high"
         )[1]
     )
     assert 500 < retry <= 600
+    with trio.fail_after(5):  # the control: the first logins reached nginx
+        while not logged(nginx, "bf-attempt-0"):
+            await trio.sleep(0.05)
     await trio.sleep(0.3)
-    assert not [e for e in nginx.access_log() if "banned-probe" in e.get("request_uri", "")]
+    assert not logged(nginx, "banned-probe")
+    assert not logged(nginx, "bf-attempt-3")  # refused before it was forwarded
 
 
 async def test_request_and_response_rules(
@@ -447,8 +456,13 @@ severity = "low"
     await rn.wait_for("rule.match", rule__id="T-HTTP-ADMIN", verdict__action="deny")
     first = rn.events.find("rule.match", rule__id="T-HTTP-ADMIN")[0]
     assert first["verdict.evidence"]["http.path"] == "/admin/panel"
-    await trio.sleep(0.3)
-    assert not [e for e in nginx.access_log() if "rule-probe" in e.get("request_uri", "")]
+    # the control reaches nginx, so the log is read right; the refused requests did not
+    ok = await acurl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/static/small.html?probe-ok")
+    assert ok.stdout == b"200"
+    with trio.fail_after(5):
+        while not logged(nginx, "probe-ok"):
+            await trio.sleep(0.05)
+    assert not logged(nginx, "rule-probe")
     got = await acurl("-D", "-", "-o", "/dev/null", f"{base}/no-such-page?token=s3cr3t&x=1")
     assert got.stdout.startswith(b"HTTP/1.1 451"), got.stdout
     # the refused request and the answer are in the session's transcript, the token is not

@@ -88,6 +88,8 @@ B_BUSY: Final = (
 )
 #: after a WebSocket upgrade: how long both directions may stay silent
 UPGRADE_IDLE_TIMEOUT: Final = 600.0
+#: a response that ends before its request's upload: how long the upload may still finish
+UPLOAD_GRACE: Final = 1.0
 #: reads on the body paths: larger reads, fewer round trips through h11
 BODY_RECEIVE_SIZE: Final = 256 * 1024
 #: refusals that mean "somebody tried to smuggle a request" rather than a sloppy client
@@ -462,20 +464,33 @@ class _Connection(ConnectionBase):
             return
         # _Abort must not leave a task: with strict exception groups it would
         # come out of the nursery wrapped; each side turns it into a cancel
+        uploaded = trio.Event()
+
+        async def upload() -> None:
+            try:
+                if body_done:
+                    await self._upload_buffered(buffered, True)
+                else:
+                    await self._upload(buffered)
+            finally:
+                uploaded.set()
+
         async with trio.open_nursery() as nursery:
             scope = nursery.cancel_scope
-            if body_done:
-                nursery.start_soon(self._guard, scope, self._upload_buffered(buffered, True))
-            else:
-                nursery.start_soon(self._guard, scope, self._upload(buffered))
+            nursery.start_soon(self._guard, scope, upload())
             await self._guard(scope, self._relay_response(user, websocket))
             if self.ended() or self.switched or self.pending is not None:
                 scope.cancel()
             elif self.h_client.their_state is not h11.DONE:
-                # the response is complete but the client is still uploading:
-                # the backend did not want the rest; this connection cannot go on
-                scope.cancel()
-                self.session.ended("response_before_body")
+                # the response is complete before the upload: often only by a
+                # hair (the rest of the body is already here); give the upload
+                # a moment, else the backend did not want the rest and this
+                # connection cannot go on
+                with trio.move_on_after(UPLOAD_GRACE):
+                    await uploaded.wait()
+                if self.h_client.their_state is not h11.DONE:
+                    scope.cancel()
+                    self.session.ended("response_before_body")
         if self.switched and not self.ended():
             await self._tunnel()
 

@@ -75,6 +75,11 @@ _FORWARDING: Final = frozenset(
         b"cf-connecting-ip",
     }
 )
+# Names a client may spell with "_" for "-" to pass for one of these where a
+# server maps fields to CGI variables (HTTP_X_FORWARDED_FOR): such fields go.
+_UNDERSCORE_SPOOFS: Final = (
+    _FORWARDING | _HOP_BY_HOP | {b"host", b"content-length", b"transfer-encoding"}
+)
 # The ones mailmoat sets itself (after the trusted history, if any).
 _OURS: Final = (b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-real-ip")
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -227,6 +232,10 @@ def normalize_request(
     kept: list[Header] = []
     for raw, value in _drop_hop_by_hop(request.headers.raw_items()):
         name = raw.lower()
+        if b"_" in name and name.replace(b"_", b"-") in _UNDERSCORE_SPOOFS:
+            # X-Forwarded_For: CGI/WSGI servers read it as HTTP_X_FORWARDED_FOR,
+            # the very variable the real X-Forwarded-For becomes
+            continue
         if name in _FORWARDING:
             if name in received:
                 received[name].append(value)
