@@ -204,6 +204,8 @@ s.sendmail('me@example.org', ['alice@{DEMO_DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhe
 Delivered mail:  {mail_dir}
 Config:          {data_dir / "mailmoat.toml"}  (mailmoat run -c that file does the same)
 Rules:           {rules_desc}
+Review page:     http://{admin}/  (blocked sessions, unban, allow-list; the token is in
+                 {data_dir / "admin.token"})
 Admin API:       http://{admin}/api/rules  (token in {data_dir / "admin.token"};
                  `mailmoat reload -c {data_dir / "mailmoat.toml"}` reloads rules)
 Events (JSON lines, one per session open/TLS/close) follow on stdout.
