@@ -43,6 +43,7 @@ import trio
 
 from conftest import RunningNode, StartNode
 from mailmoat.demo.nginx import NginxInstance
+from mailmoat.net.http import SMUGGLING_REASONS
 from mailmoat.protocols.http import REFUSALS, HeadScreen, HttpLimits, RequestRefused
 from test_http_e2e import http_config
 
@@ -70,28 +71,8 @@ LIMITS = HttpLimits(
     max_body_size=MAX_BODY,
 )
 
-#: refusal reasons that mean "smuggling attempt" (net/http.py): severity high
-SMUGGLING = frozenset(
-    {
-        "cl-and-te",
-        "duplicate-content-length",
-        "bad-content-length",
-        "bad-transfer-encoding",
-        "te-in-http10",
-        "bare-lf",
-        "bare-cr",
-        "obs-fold",
-        "space-before-colon",
-        "duplicate-host",
-        "host-mismatch",
-        "bad-chunk-size",
-        "chunk-size-too-long",
-        "bad-chunk",
-        "bad-chunk-extension",
-        "bad-trailer",
-        "bad-connection",
-    }
-)
+#: refusal reasons that mean "smuggling attempt": severity high
+SMUGGLING = SMUGGLING_REASONS
 
 HOST = b"Host: localhost\r\n"
 #: the benign request in front of a smuggled one

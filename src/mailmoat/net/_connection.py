@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import trio
 
 from mailmoat.config import Address, ListenerConfig
 from mailmoat.detect import LoginDetector, LoginFacts
-from mailmoat.detect.geo import GeoInfo
+from mailmoat.detect.geo import GeoInfo, GeoIP
 from mailmoat.detect.reputation import Reputation
 from mailmoat.detect.tls import assess_downgrade, remember_tls, shared_ja4, shared_ja4_ops
 from mailmoat.detect.travel import LoginProfile, assess
-from mailmoat.events import Emitter, new_session_id
+from mailmoat.events import Emitter, new_session_id, wall_clock
+from mailmoat.policy import RuleHolder
 from mailmoat.protocols.tls import HelloError, fingerprint, parse_client_hello
 from mailmoat.session.commands import BanClient, CheckLogin, ClientHelloFacts, Emit
 from mailmoat.state import GetProfile, PutProfile, Store, StoreUnavailable
@@ -86,21 +87,26 @@ class Session(Protocol):
     ) -> list[Any]: ...
 
 
-class Service(Protocol):
-    """What the sessions of one listener share (SmtpService, ImapService)."""
+@dataclass
+class ServiceBase:
+    """What the sessions of one listener share, whatever the protocol.
+
+    SmtpService, ImapService and HttpService add their own session config.
+    """
 
     listener: ListenerConfig
     pool: BackendPool
     certs: CertStore | None
     emitter: Emitter
-    store: Store | None
-    detector: LoginDetector | None
-    salt: bytes
-    reputation: Reputation
-    active: set[trio.CancelScope]
-
-    @property
-    def wall_clock(self) -> Callable[[], float]: ...
+    rules: RuleHolder | None = None
+    store: Store | None = None
+    detector: LoginDetector | None = None
+    salt: bytes = b""
+    reputation: Reputation = field(default_factory=Reputation)
+    geoip: GeoIP = field(default_factory=GeoIP)
+    #: seconds since the epoch (login profiles outlive the process); tests move it
+    wall_clock: Callable[[], float] = wall_clock
+    active: set[trio.CancelScope] = field(default_factory=set)
 
 
 def as_bytes(data: bytes | bytearray) -> bytes:
@@ -155,7 +161,7 @@ class ConnectionBase:
     protocol = ""
     session: Session
 
-    def __init__(self, service: Service, client: trio.SocketStream) -> None:
+    def __init__(self, service: ServiceBase, client: trio.SocketStream) -> None:
         self.base_service = service
         self.client: trio.abc.Stream = client
         self.socket = client.socket
@@ -367,6 +373,56 @@ class ConnectionBase:
             return self.session.upstream_tls_failed("connection closed during handshake")
         self.upstream = tls
         return self.session.upstream_tls_started(tls.version or "", tls.cipher or "")
+
+    async def copy_both_ways(
+        self, upstream: trio.abc.Stream, idle_timeout: float, receive_size: int
+    ) -> str:
+        """Copy bytes both ways until one side closes or both stay silent for
+        ``idle_timeout``; why it ended (``client_closed``, ``backend_closed``,
+        ``client_gone``, ``idle_timeout``).  The byte counters follow."""
+        reason = ["client_closed"]
+        last = [trio.current_time()]
+
+        async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, from_client: bool) -> None:
+            while True:
+                try:
+                    data = await src.receive_some(receive_size)
+                except BROKEN:
+                    data = b""
+                if not data:
+                    reason[0] = "client_closed" if from_client else "backend_closed"
+                    return
+                last[0] = trio.current_time()
+                try:
+                    await dst.send_all(data)
+                except BROKEN:
+                    reason[0] = "backend_closed" if from_client else "client_gone"
+                    return
+                if from_client:
+                    self.client_in += len(data)
+                    self.up_out += len(data)
+                else:
+                    self.up_in += len(data)
+                    self.client_out += len(data)
+
+        async def first_done(src: trio.abc.Stream, dst: trio.abc.Stream, side: bool) -> None:
+            await pump(src, dst, side)
+            nursery.cancel_scope.cancel()
+
+        async def watchdog() -> None:
+            while True:
+                idle_for = trio.current_time() - last[0]
+                if idle_for >= idle_timeout:
+                    reason[0] = "idle_timeout"
+                    nursery.cancel_scope.cancel()
+                    return
+                await trio.sleep(idle_timeout - idle_for)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_done, self.client, upstream, True)
+            nursery.start_soon(first_done, upstream, self.client, False)
+            nursery.start_soon(watchdog)
+        return reason[0]
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2):

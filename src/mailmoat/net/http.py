@@ -41,19 +41,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, final
 
 import h11
 import trio
 
-from mailmoat.config import ListenerConfig
-from mailmoat.detect import LoginDetector
-from mailmoat.detect.geo import GeoIP
-from mailmoat.detect.reputation import Reputation
-from mailmoat.events import Emitter, wall_clock
-from mailmoat.policy import RuleHolder
 from mailmoat.protocols.http import (
     DEFAULT_FORM_LIMIT,
     FormExtractor,
@@ -71,11 +64,11 @@ from mailmoat.protocols.http import (
 )
 from mailmoat.session.commands import BanClient, CheckLogin, Close, Emit, StartClientTls
 from mailmoat.session.http import REASONS, HttpSession, HttpSessionConfig, Respond
-from mailmoat.state import Store, StoreUnavailable
+from mailmoat.state import StoreUnavailable
 
-from ._connection import BROKEN, ConnectionBase, as_bytes, serve_connection
-from .tls import CertStore, TlsError
-from .upstream import BackendPool, BackendUnavailable
+from ._connection import BROKEN, ConnectionBase, ServiceBase, as_bytes, serve_connection
+from .tls import TlsError
+from .upstream import BackendUnavailable
 
 #: what a connection gets when mailmoat itself fails (never exception text)
 B_UNAVAILABLE: Final = (
@@ -93,7 +86,7 @@ UPLOAD_GRACE: Final = 1.0
 #: reads on the body paths: larger reads, fewer round trips through h11
 BODY_RECEIVE_SIZE: Final = 256 * 1024
 #: refusals that mean "somebody tried to smuggle a request" rather than a sloppy client
-_SMUGGLING: Final = frozenset(
+SMUGGLING_REASONS: Final = frozenset(
     {
         "cl-and-te",
         "duplicate-content-length",
@@ -122,21 +115,9 @@ class _Abort(Exception):
 
 @final
 @dataclass
-class HttpService:
+class HttpService(ServiceBase):
     """Everything the connections of one HTTP listener share."""
 
-    listener: ListenerConfig
-    pool: BackendPool
-    certs: CertStore | None
-    emitter: Emitter
-    rules: RuleHolder | None = None
-    store: Store | None = None
-    detector: LoginDetector | None = None
-    salt: bytes = b""
-    reputation: Reputation = field(default_factory=Reputation)
-    geoip: GeoIP = field(default_factory=GeoIP)
-    wall_clock: Callable[[], float] = wall_clock
-    active: set[trio.CancelScope] = field(default_factory=set)
     session_config: HttpSessionConfig = field(init=False)
     limits: HttpLimits = field(init=False)
     login: LoginForm | None = field(init=False)
@@ -739,49 +720,8 @@ class _Connection(ConnectionBase):
         if to_upstream and not await self._send_up(to_upstream):
             self.session.ended("backend_closed")
             return
-        reason = ["client_closed"]
-        last = [trio.current_time()]
-
-        async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, from_client: bool) -> None:
-            while True:
-                try:
-                    data = await src.receive_some(BODY_RECEIVE_SIZE)
-                except BROKEN:
-                    data = b""
-                if not data:
-                    reason[0] = "client_closed" if from_client else "backend_closed"
-                    return
-                last[0] = trio.current_time()
-                try:
-                    await dst.send_all(data)
-                except BROKEN:
-                    reason[0] = "backend_closed" if from_client else "client_gone"
-                    return
-                if from_client:
-                    self.client_in += len(data)
-                    self.up_out += len(data)
-                else:
-                    self.up_in += len(data)
-                    self.client_out += len(data)
-
-        async def first_done(src: trio.abc.Stream, dst: trio.abc.Stream, side: bool) -> None:
-            await pump(src, dst, side)
-            nursery.cancel_scope.cancel()
-
-        async def watchdog() -> None:
-            while True:
-                idle_for = trio.current_time() - last[0]
-                if idle_for >= UPGRADE_IDLE_TIMEOUT:
-                    reason[0] = "idle_timeout"
-                    nursery.cancel_scope.cancel()
-                    return
-                await trio.sleep(UPGRADE_IDLE_TIMEOUT - idle_for)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(first_done, self.client, upstream, True)
-            nursery.start_soon(first_done, upstream, self.client, False)
-            nursery.start_soon(watchdog)
-        self.session.ended(reason[0])
+        reason = await self.copy_both_ways(upstream, UPGRADE_IDLE_TIMEOUT, BODY_RECEIVE_SIZE)
+        self.session.ended(reason)
 
     # ------------------------------------------------------------------ answers
 
@@ -867,7 +807,7 @@ class _Connection(ConnectionBase):
 
     async def _refuse_request(self, exc: RequestRefused) -> None:
         """The screen refused the client's bytes: 4xx, an event, close."""
-        smuggling = exc.reason in _SMUGGLING
+        smuggling = exc.reason in SMUGGLING_REASONS
         self.emit(
             Emit(
                 "http.refused",

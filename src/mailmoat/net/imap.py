@@ -13,19 +13,12 @@ stays silent longer than :data:`RELAY_IDLE_TIMEOUT` (IDLE included: RFC 9051
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast, final
 
 import trio
 
-from mailmoat.config import ListenerConfig
-from mailmoat.detect import LoginDetector
-from mailmoat.detect.geo import GeoIP
 from mailmoat.detect.outbound import Outbound
-from mailmoat.detect.reputation import Reputation
-from mailmoat.events import Emitter, wall_clock
-from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
 from mailmoat.session.imap import (
     B_UNAVAILABLE,
@@ -46,18 +39,18 @@ from mailmoat.session.smtp import (
     StartClientTls,
     StartUpstreamTls,
 )
-from mailmoat.state import Store
 
 from ._connection import (
     BROKEN,
     MAX_TARPIT,
     RECEIVE_SIZE,
     ConnectionBase,
+    ServiceBase,
     as_bytes,
     serve_connection,
 )
-from .tls import CertStore, TlsError
-from .upstream import BackendPool, BackendUnavailable
+from .tls import TlsError
+from .upstream import BackendUnavailable
 
 #: after login: how long both directions may stay silent (RFC 9051 §5.4: >= 30 min)
 RELAY_IDLE_TIMEOUT: Final = 31 * 60.0
@@ -67,23 +60,10 @@ RELAY_RECEIVE_SIZE: Final = 256 * 1024
 
 @final
 @dataclass
-class ImapService:
+class ImapService(ServiceBase):
     """Everything the sessions of one IMAP listener share."""
 
-    listener: ListenerConfig
-    pool: BackendPool
-    certs: CertStore | None
-    emitter: Emitter
-    rules: RuleHolder | None = None
-    store: Store | None = None
-    detector: LoginDetector | None = None
-    salt: bytes = b""
-    reputation: Reputation = field(default_factory=Reputation)
-    geoip: GeoIP = field(default_factory=GeoIP)
-    #: seconds since the epoch (login profiles outlive the process); tests move it
-    wall_clock: Callable[[], float] = wall_clock
     outbound: Outbound = field(default_factory=Outbound)
-    active: set[trio.CancelScope] = field(default_factory=set)
     session_config: ImapSessionConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -238,57 +218,8 @@ class _Connection(ConnectionBase):
             return
         if cmd.to_client:
             await self.send_client(cmd.to_client)
-        reason = ["client_closed"]
-        last = [trio.current_time()]
-
-        async def pump(
-            src: trio.abc.Stream, dst: trio.abc.Stream, side: Literal["client", "upstream"]
-        ) -> None:
-            while True:
-                try:
-                    data = await src.receive_some(RELAY_RECEIVE_SIZE)
-                except BROKEN:
-                    data = b""
-                if not data:
-                    reason[0] = "client_closed" if side == "client" else "backend_closed"
-                    return
-                last[0] = trio.current_time()
-                try:
-                    await dst.send_all(data)
-                except BROKEN:
-                    reason[0] = "backend_closed" if side == "client" else "client_gone"
-                    return
-                if side == "client":
-                    self.client_in += len(data)
-                    self.up_out += len(data)
-                else:
-                    self.up_in += len(data)
-                    self.client_out += len(data)
-
-        async def first_done(
-            src: trio.abc.Stream,
-            dst: trio.abc.Stream,
-            side: Literal["client", "upstream"],
-            scope: trio.CancelScope,
-        ) -> None:
-            await pump(src, dst, side)
-            scope.cancel()
-
-        async def watchdog(scope: trio.CancelScope) -> None:
-            while True:
-                idle_for = trio.current_time() - last[0]
-                if idle_for >= RELAY_IDLE_TIMEOUT:
-                    reason[0] = "idle_timeout"
-                    scope.cancel()
-                    return
-                await trio.sleep(RELAY_IDLE_TIMEOUT - idle_for)
-
-        async with trio.open_nursery() as nursery:
-            scope = nursery.cancel_scope
-            nursery.start_soon(first_done, self.client, upstream, "client", scope)
-            nursery.start_soon(first_done, upstream, self.client, "upstream", scope)
-            nursery.start_soon(watchdog, scope)
-        self.session.relay_ended(reason[0])
+        reason = await self.copy_both_ways(upstream, RELAY_IDLE_TIMEOUT, RELAY_RECEIVE_SIZE)
+        self.session.relay_ended(reason)
 
     async def on_drain_deadline(self) -> None:
         if self.session.relaying:

@@ -12,20 +12,13 @@ closes -- it never echoes exception text to the peer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, final
 
 import trio
 
-from mailmoat.config import ListenerConfig
-from mailmoat.detect import LoginDetector
-from mailmoat.detect.geo import GeoIP
 from mailmoat.detect.outbound import Outbound, OutboundFacts
-from mailmoat.detect.reputation import Reputation
 from mailmoat.detect.tls import inbound_facts, inbound_ops, sender_network
-from mailmoat.events import Emitter, wall_clock
-from mailmoat.policy import RuleHolder
 from mailmoat.protocols.proxy_protocol import ProxyHeader, encode_v2
 from mailmoat.protocols.smtp import SmtpLimits
 from mailmoat.session.smtp import (
@@ -46,41 +39,29 @@ from mailmoat.session.smtp import (
     StartClientTls,
     StartUpstreamTls,
 )
-from mailmoat.state import Store, StoreUnavailable
+from mailmoat.state import StoreUnavailable
 
 from ._connection import (
     MAX_TARPIT,
     RECEIVE_SIZE,
     REFUSAL_REASONS,
     ConnectionBase,
+    ServiceBase,
     as_bytes,
     serve_connection,
 )
-from .tls import CertStore, TlsError, TlsStream
-from .upstream import BackendPool, BackendUnavailable
+from .tls import TlsError, TlsStream
+from .upstream import BackendUnavailable
 
 __all__ = ["MAX_TARPIT", "RECEIVE_SIZE", "REFUSAL_REASONS", "SmtpService", "serve_smtp"]
 
 
 @final
 @dataclass
-class SmtpService:
-    """Everything the sessions of one listener share."""
+class SmtpService(ServiceBase):
+    """Everything the sessions of one SMTP listener share."""
 
-    listener: ListenerConfig
-    pool: BackendPool
-    certs: CertStore | None
-    emitter: Emitter
-    rules: RuleHolder | None = None
-    store: Store | None = None
-    detector: LoginDetector | None = None
-    salt: bytes = b""
-    reputation: Reputation = field(default_factory=Reputation)
-    geoip: GeoIP = field(default_factory=GeoIP)
-    #: seconds since the epoch (login profiles outlive the process); tests move it
-    wall_clock: Callable[[], float] = wall_clock
     outbound: Outbound = field(default_factory=Outbound)
-    active: set[trio.CancelScope] = field(default_factory=set)
     session_config: SmtpSessionConfig = field(init=False)
 
     def __post_init__(self) -> None:
