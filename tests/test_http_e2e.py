@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from conftest import MailmoatTLS, RunningNode, StartNode
+from mailmoat.demo.dovecot import DovecotInstance
 from mailmoat.demo.nginx import NginxInstance
 from mailmoat.demo.webapp import WebAppProcess, pattern_bytes, websocket_accept
 from nginx_fixtures import NginxFactory
@@ -628,3 +629,61 @@ severity = "low"
     assert got.stdout == b"200"
     match = await detect.wait_for("rule.match", rule__id="T-HTTP-DENY")
     assert match["verdict.action"] == "detect"
+
+
+async def test_webmail_failures_count_with_imap_logins(
+    nginx: NginxInstance,
+    dovecot: DovecotInstance,
+    start_node: StartNode,
+    mailmoat_tls: MailmoatTLS,
+    tmp_path: Path,
+) -> None:
+    """One address, one set of counters: failed webmail logins are seen by an IMAP login."""
+    import imaplib
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "cross.toml").write_text(
+        """
+[[rule]]
+id = "T-CROSS"
+name = "failures from this address on any protocol"
+phase = "login"
+protocols = ["imap"]
+when = 'login.failures_ip >= 3'
+action = "log"
+severity = "medium"
+"""
+    )
+    text = (
+        http_config(str(nginx.address), rules=rules)
+        + f"""
+[[listener]]
+name = "imap"
+protocol = "imap"
+listen = "127.0.0.1:0"
+tls = "none"
+backend = "dovecot"
+
+[[backend]]
+name = "dovecot"
+address = "127.0.0.1:{dovecot.ports.imap}"
+client_identity = "imap-id"
+"""
+    )
+    rn = await start_node(text)
+    base = f"http://127.0.0.1:{rn.port('web')}"
+    for i in range(3):
+        await acurl("-o", "/dev/null", "-d", f"user=alice&password=nope{i}", f"{base}/login")
+    await rn.wait_for("auth.attempt", event__outcome="failure", session__protocol="http")
+    assert len(rn.events.find("auth.attempt", session__protocol="http")) == 3
+
+    def imap_login() -> None:
+        with imaplib.IMAP4("127.0.0.1", rn.port("imap"), timeout=20) as imap:
+            imap.login("alice", "alicepw")
+            imap.logout()
+
+    await trio.to_thread.run_sync(imap_login)
+    match = await rn.wait_for("rule.match", rule__id="T-CROSS")
+    assert match["session.protocol"] == "imap"
+    assert match["verdict.evidence"]["login.failures_ip"] >= 3
