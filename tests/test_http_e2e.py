@@ -687,3 +687,31 @@ client_identity = "imap-id"
     match = await rn.wait_for("rule.match", rule__id="T-CROSS")
     assert match["session.protocol"] == "imap"
     assert match["verdict.evidence"]["login.failures_ip"] >= 3
+
+
+async def test_drain_closes_idle_keep_alive_connections_at_once(
+    nginx: NginxInstance, start_node: StartNode, nursery: trio.Nursery
+) -> None:
+    rn = await start_node(
+        http_config(str(nginx.address)).replace(
+            'name = "http-test"', 'name = "drain"\ndrain_timeout = 30'
+        )
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", rn.port("web"))
+    await stream.send_all(b"GET /static/small.html HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    small = nginx.static_path("small.html").read_bytes()
+    with trio.fail_after(10):
+        while not got.endswith(small):
+            got += await stream.receive_some(65536)
+    assert got.startswith(b"HTTP/1.1 200")
+    # the connection now waits, kept alive, for its next request
+    started = trio.current_time()
+    nursery.start_soon(rn.node.drain)
+    with trio.fail_after(5):  # not drain_timeout (30 s): an idle connection holds nothing
+        assert await stream.receive_some(65536) == b""
+    assert trio.current_time() - started < 5
+    close = await rn.wait_for("session.close")
+    assert close["session.close_reason"] == "shutdown"
+    assert close["http.requests"] == 1
+    await stream.aclose()

@@ -134,6 +134,9 @@ class Node:
             return
         self.draining = True
         self.accept_scope.cancel()
+        for service in self.services.values():
+            if isinstance(service, HttpService):
+                service.start_draining()  # idle keep-alive connections hold nothing
         self.emitter.emit(
             "node.drain",
             {"session.active": self.active_sessions()},

@@ -123,6 +123,10 @@ class HttpService(ServiceBase):
     login: LoginForm | None = field(init=False)
     outcome: LoginOutcome | None = field(init=False)
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(init=False)
+    #: the node is draining (see :meth:`start_draining`)
+    draining: bool = field(default=False, init=False)
+    #: the read deadlines of connections waiting for their next request
+    idle_waits: set[trio.CancelScope] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         hc = self.listener.http
@@ -152,6 +156,13 @@ class HttpService(ServiceBase):
             if lc
             else None
         )
+
+    def start_draining(self) -> None:
+        """The node drains: kept-alive connections waiting for a request close now,
+        and responses in flight say ``Connection: close``."""
+        self.draining = True
+        for scope in list(self.idle_waits):
+            scope.cancel()
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted:
@@ -292,24 +303,34 @@ class _Connection(ConnectionBase):
 
     # ------------------------------------------------------------------ client leg
 
-    async def _receive_client(self, timeout: float) -> bytes | None:
-        """Up to RECEIVE_SIZE bytes; ``b""`` at EOF, ``None`` on timeout."""
+    async def _receive_client(self, timeout: float, *, idle: bool = False) -> bytes | None:
+        """Up to BODY_RECEIVE_SIZE bytes; ``b""`` at EOF, ``None`` on timeout.
+
+        ``idle``: waiting for the next request of a kept-alive connection,
+        which a drain ends at once (:meth:`HttpService.start_draining`).
+        """
+        idle_waits = self.service.idle_waits
         try:
             with trio.move_on_after(timeout) as scope:
+                if idle:
+                    idle_waits.add(scope)
                 data = as_bytes(await self.client.receive_some(BODY_RECEIVE_SIZE))
         except BROKEN:
             data = b""
+        finally:
+            if idle:
+                idle_waits.discard(scope)
         if scope.cancelled_caught:
             return None
         self.client_in += len(data)
         return data
 
-    async def _feed_client(self, timeout: float) -> bool:
+    async def _feed_client(self, timeout: float, *, idle: bool = False) -> bool:
         """Read, screen and hand the bytes to h11; ``False`` on timeout.
 
         Refused bytes: ``self.pending`` says why and :class:`_Abort` unwinds.
         """
-        data = await self._receive_client(timeout)
+        data = await self._receive_client(timeout, idle=idle)
         if data is None:
             return False
         if not data:
@@ -362,8 +383,11 @@ class _Connection(ConnectionBase):
             else:
                 timeout = self.service.listener.idle_timeout
             before = self.client_in
+            if not started and self.service.draining:
+                self.session.ended("shutdown")
+                return None
             try:
-                ok = timeout > 0 and await self._feed_client(timeout)
+                ok = timeout > 0 and await self._feed_client(timeout, idle=not started)
             except _Abort:
                 return None
             if not ok:
@@ -371,7 +395,7 @@ class _Connection(ConnectionBase):
                     await self._own(408, b"The request took too long to arrive.\n", close=True)
                     self.session.ended("client_timeout")
                 else:
-                    self.session.ended("client_idle")
+                    self.session.ended("shutdown" if self.service.draining else "client_idle")
                 return None
             if not started and self.client_in > before:
                 started = True
@@ -661,7 +685,15 @@ class _Connection(ConnectionBase):
             self._drop_upstream()
             return
         # ---- forward head and body: what is already here goes out in one write
-        self._queue(normalize_response(response))
+        outgoing = normalize_response(response)
+        if self.service.draining:
+            # tell the client not to send another request on this connection
+            outgoing = h11.Response(
+                status_code=outgoing.status_code,
+                headers=[*outgoing.headers.raw_items(), (b"Connection", b"close")],
+                reason=outgoing.reason,
+            )
+        self._queue(outgoing)
         while True:
             try:
                 event = await self._up_event(config.data_timeout)
