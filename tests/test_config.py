@@ -263,8 +263,20 @@ def test_console_script_exit_status(tmp_path: Path) -> None:
 def test_shipped_deploy_config_is_valid() -> None:
     """deploy/mailmoat.toml parses and validates (its certificate paths are the admin's)."""
     cfg = load_config(Path(__file__).parent.parent / "deploy" / "mailmoat.toml", check_files=False)
-    assert [lc.name for lc in cfg.listeners] == ["mx", "submission", "submissions", "imap", "imaps"]
+    assert [lc.name for lc in cfg.listeners] == [
+        "mx",
+        "submission",
+        "submissions",
+        "imap",
+        "imaps",
+        "webmail",
+        "webmail-http",
+    ]
     assert cfg.backends["dovecot"].client_identity == "imap-id"
+    webmail = cfg.listeners[5].http
+    assert webmail is not None
+    assert webmail.login is not None
+    assert webmail.login.user_field == "_user"
     assert cfg.listeners[0].greet_delay == 2
     assert cfg.backends["postfix-mx"].client_identity == "xclient"
 
