@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, final
@@ -178,6 +179,22 @@ class HttpService(ServiceBase):
 _SECRET_QUERY: Final = re.compile(
     rb"([?&;][^=&;#]*(?:pass|secret|token|otp|key|auth|session)[^=&;#]*=)[^&;#]*", re.IGNORECASE
 )
+
+
+def _send_now(stream: trio.abc.Stream, data: bytes) -> int:
+    """Hand ``data`` to the kernel at once if it has room; how many bytes it took.
+
+    Most writes of a proxied request fit the socket buffer: this spares them
+    the deadline scope a blocking ``send_all`` needs (a tenth of the CPU of a
+    small request).  Plain TCP only (TLS streams write through OpenSSL); on
+    any error nothing is taken and ``send_all`` runs and reports it.
+    """
+    if type(stream) is not trio.SocketStream:
+        return 0
+    try:
+        return os.write(stream.socket.fileno(), data)
+    except OSError:  # BlockingIOError (buffer full), a reset: send_all decides
+        return 0
 
 
 def _has_body(request: h11.Request) -> bool:
@@ -596,9 +613,11 @@ class _Connection(ConnectionBase):
         if not data:
             return True
         assert self.upstream is not None
+        sent = _send_now(self.upstream, data)
         try:
-            with trio.fail_after(self.service.listener.idle_timeout):
-                await self.upstream.send_all(data)
+            if sent < len(data):
+                with trio.fail_after(self.service.listener.idle_timeout):
+                    await self.upstream.send_all(data[sent:] if sent else data)
         except (*BROKEN, trio.TooSlowError):
             return False
         self.up_out += len(data)
@@ -781,9 +800,11 @@ class _Connection(ConnectionBase):
             await self._send_client_raw(data)
 
     async def _send_client_raw(self, data: bytes) -> None:
+        sent = _send_now(self.client, data)
         try:
-            with trio.fail_after(self.service.listener.idle_timeout):
-                await self.client.send_all(data)
+            if sent < len(data):
+                with trio.fail_after(self.service.listener.idle_timeout):
+                    await self.client.send_all(data[sent:] if sent else data)
         except (*BROKEN, trio.TooSlowError):
             self.session.client_gone()
             raise _Abort from None
