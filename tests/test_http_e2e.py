@@ -100,6 +100,14 @@ def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     )
 
 
+def rule_dir(tmp_path: Path, text: str) -> Path:
+    """A rules directory holding one file with ``text``."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "test.toml").write_text(text)
+    return rules
+
+
 def logged(nginx: NginxInstance, marker: str) -> bool:
     """Did any request carrying ``marker`` reach nginx?"""
     return any(marker in json.dumps(entry) for entry in nginx.access_log())
@@ -370,9 +378,8 @@ async def test_login_success_and_failure_events(
 async def test_brute_force_over_http_is_banned_with_429(
     nginx: NginxInstance, start_node: StartNode, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "login.toml").write_text(
+    rules = rule_dir(
+        tmp_path,
         """
 [[rule]]
 id = "T-HTTP-BRUTE"
@@ -383,7 +390,7 @@ when = 'auth.result == "failure" && login.failures_ip >= 3'
 action = "ban"
 ban = "10m"
 severity = "high"
-"""
+""",
     )
     rn = await start_web(start_node, nginx.address, rules=rules)
     base = f"http://127.0.0.1:{rn.port('web')}"
@@ -424,9 +431,8 @@ severity = "high"
 async def test_request_and_response_rules(
     nginx: NginxInstance, start_node: StartNode, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "http.toml").write_text(
+    rules = rule_dir(
+        tmp_path,
         """
 [[rule]]
 id = "T-HTTP-ADMIN"
@@ -446,7 +452,7 @@ when = 'http.status == 404'
 action = "reject"
 reply = { http = "451" }
 severity = "low"
-"""
+""",
     )
     rn = await start_web(start_node, nginx.address, rules=rules)
     base = f"http://127.0.0.1:{rn.port('web')}"
@@ -581,9 +587,8 @@ async def test_webapp_login_through_nginx_with_fresh_backend(
 async def test_tarpit_is_429_and_detect_mode_refuses_nothing(
     nginx: NginxInstance, start_node: StartNode, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "slow.toml").write_text(
+    rules = rule_dir(
+        tmp_path,
         """
 [[rule]]
 id = "T-HTTP-SLOW"
@@ -603,7 +608,7 @@ protocols = ["http"]
 when = 'http.path == "/static/small.html" && http.query == "deny-me"'
 action = "deny"
 severity = "low"
-"""
+""",
     )
     rn = await start_web(start_node, nginx.address, rules=rules)
     base = f"http://127.0.0.1:{rn.port('web')}"
@@ -641,9 +646,8 @@ async def test_webmail_failures_count_with_imap_logins(
     """One address, one set of counters: failed webmail logins are seen by an IMAP login."""
     import imaplib
 
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "cross.toml").write_text(
+    rules = rule_dir(
+        tmp_path,
         """
 [[rule]]
 id = "T-CROSS"
@@ -653,7 +657,7 @@ protocols = ["imap"]
 when = 'login.failures_ip >= 3'
 action = "log"
 severity = "medium"
-"""
+""",
     )
     text = (
         http_config(str(nginx.address), rules=rules)
