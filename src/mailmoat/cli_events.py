@@ -12,17 +12,13 @@ address or CIDR) exit 2 with one line; a missing journal exits 1.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import re
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 #: what a table line shows after time, action and outcome (the first present ones)
 _DETAIL_KEYS = (
     "rule.id",
@@ -34,22 +30,6 @@ _DETAIL_KEYS = (
     "error.message",
     "message",
 )
-
-
-def parse_when(text: str, now: float) -> float:
-    """``1h`` (ago), ``30m``, ``2d``, ``90s``, ``1w`` or an ISO 8601 time (UTC if no zone)."""
-    m = _RELATIVE.match(text.strip())
-    if m:
-        return now - float(m.group(1)) * _UNIT[m.group(2)]
-    try:
-        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a time: use 1h, 30m, 2d (ago) or 2026-11-28T14:00:00Z"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
 
 
 def format_line(event: dict[str, Any]) -> str:
@@ -86,7 +66,7 @@ def journal_dir(config_path: str) -> Path:
 def cmd_events(config_path: str, opts: Any, out: TextIO = sys.stdout) -> int:
     from .errors import MailmoatError
     from .events import wall_clock
-    from .events.journal import EventFilter, Journal
+    from .events.journal import EventFilter, Journal, parse_when
 
     try:
         directory = journal_dir(config_path)

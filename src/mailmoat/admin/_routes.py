@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from mailmoat.cli_events import parse_when
 from mailmoat.events import wall_clock
-from mailmoat.events.journal import EventFilter, Journal, is_blocked
+from mailmoat.events.journal import EventFilter, Journal, is_blocked, parse_when
 from mailmoat.state import StoreUnavailable
 
 from ._page import add_page_routes

@@ -14,8 +14,10 @@ removed under them.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
+import re
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,26 @@ from ._journal_format import (
 FOLLOW_CHUNK: Final = 4 * 1024 * 1024
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+_RELATIVE: Final = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_when(text: str, now: float) -> float:
+    """``1h`` (ago), ``30m``, ``2d``, ``90s``, ``1w`` or an ISO 8601 time (UTC if no zone)."""
+    m = _RELATIVE.match(text.strip())
+    if m:
+        return now - float(m.group(1)) * _UNIT[m.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use 1h, 30m, 2d (ago) or 2026-11-28T14:00:00Z"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,7 @@ from ._journal_format import (
     SegmentIndex,
     is_blocked,
 )
-from ._journal_reader import EventFilter, Follower, Journal, ReadStats
+from ._journal_reader import EventFilter, Follower, Journal, ReadStats, parse_when
 from ._journal_writer import (
     DEFAULT_FSYNC_INTERVAL,
     DEFAULT_QUEUE,
@@ -107,4 +107,5 @@ __all__ = [
     "SegmentIndex",
     "SegmentWriter",
     "is_blocked",
+    "parse_when",
 ]
