@@ -175,6 +175,8 @@ class ConnectionBase:
         self.geo: GeoInfo = GeoInfo()
         #: the client's ClientHello, once a handshake ran
         self.hello: ClientHelloFacts | None = None
+        #: seconds left of the client's ban when it connected (0: none)
+        self.ban_remaining = 0.0
 
     def elapsed(self) -> float:
         """Seconds since the connection was accepted (the session transcript's clock)."""
@@ -205,13 +207,19 @@ class ConnectionBase:
     # ------------------------------------------------------------------ state store
 
     async def connect_facts(self, geoip_lookup: Callable[[str], GeoInfo]) -> tuple[bool, int]:
-        """Is the client banned, its reputation; and its place (``self.geo``)."""
+        """Is the client banned, its reputation; and its place (``self.geo``).
+
+        A ban's seconds left are kept in ``self.ban_remaining`` (HTTP's Retry-After).
+        """
         service = self.base_service
         store = service.store
         banned, reputation = False, 0
         if store is not None:
             try:
-                banned = await store.banned(self.ip) is not None
+                ban = await store.banned(self.ip)
+                banned = ban is not None
+                if ban is not None:
+                    self.ban_remaining = store.remaining(ban)
                 if service.detector is not None:
                     rep = service.reputation
                     reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))

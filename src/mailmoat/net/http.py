@@ -259,10 +259,12 @@ class _Connection(ConnectionBase):
         implicit = self.service.listener.tls == "implicit"
         self.emit(Emit("session.open", {"tls.active": implicit}))
         banned, reputation = await self.connect_facts(self.service.geoip.lookup)
-        remaining = await self._ban_remaining() if banned else 0.0
         await self.execute(
             self.session.start(
-                banned, ban_remaining=remaining, reputation=reputation, geo=self.geo.fields()
+                banned,
+                ban_remaining=self.ban_remaining,
+                reputation=reputation,
+                geo=self.geo.fields(),
             )
         )
         if self.ended():
@@ -287,16 +289,6 @@ class _Connection(ConnectionBase):
         if self.pending is not None:
             with contextlib.suppress(_Abort):
                 await self._refuse(self.pending)
-
-    async def _ban_remaining(self) -> float:
-        store = self.service.store
-        if store is None:
-            return 0.0
-        try:
-            ban = await store.banned(self.ip)
-        except StoreUnavailable:
-            return 0.0
-        return store.remaining(ban) if ban is not None else 0.0
 
     def _next_cycle(self) -> bool:
         """Both legs ready for the next request?  (Else the client connection closes.)"""
