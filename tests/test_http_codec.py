@@ -925,6 +925,25 @@ def test_forwarding_fields_untrusted() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("query", "shown"),
+    [
+        ("", ""),
+        ("q=inbox", "q=inbox"),
+        ("token=abc&x=1", "token=***&x=1"),
+        ("_pass=hunter2&_user=alice", "_pass=***&_user=alice"),
+        ("api%5Ftoken=z&OTP=1", "api%5Ftoken=***&OTP=***"),
+        ("password", "password"),  # no value to hide
+    ],
+)
+def test_redact_query(query: str, shown: str) -> None:
+    from mailmoat.protocols.http import RequestLine, redact_query
+
+    assert redact_query(query) == shown
+    request = parse_request(b"GET /x?" + query.encode() + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert RequestLine(request).redacted() == b"GET /x?" + shown.encode()
+
+
 def test_underscore_spellings_of_forwarding_fields_are_dropped() -> None:
     """X-Forwarded_For would become HTTP_X_FORWARDED_FOR in a CGI/WSGI server."""
     request = parse_request(

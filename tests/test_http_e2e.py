@@ -458,10 +458,14 @@ severity = "low"
     base = f"http://127.0.0.1:{rn.port('web')}"
     got = await acurl("-D", "-", "-o", "/dev/null", f"{base}/admin/panel?rule-probe-1")
     assert got.stdout.startswith(b"HTTP/1.1 403"), got.stdout
-    got = await acurl("-A", "sqlmap/1.7", "-D", "-", "-o", "/dev/null", f"{base}/?rule-probe-2")
+    got = await acurl(
+        "-A", "sqlmap/1.7", "-D", "-", "-o", "/dev/null", f"{base}/?rule-probe-2&auth_token=zz9"
+    )
     assert got.stdout.startswith(b"HTTP/1.1 403"), got.stdout
     await rn.wait_for("rule.match", rule__id="T-HTTP-ADMIN", verdict__action="deny")
     first = rn.events.find("rule.match", rule__id="T-HTTP-ADMIN")[0]
+    refused = rn.events.find("http.request")
+    assert [e["url.query"] for e in refused] == ["rule-probe-1", "rule-probe-2&auth_token=***"]
     assert first["verdict.evidence"]["http.path"] == "/admin/panel"
     # the control reaches nginx, so the log is read right; the refused requests did not
     ok = await acurl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/static/small.html?probe-ok")
@@ -479,6 +483,7 @@ severity = "low"
         ("c", "GET /no-such-page?token=***&x=1"),
         ("s", "HTTP/1.1 451 Unavailable For Legal Reasons"),
     ]
+    assert not any("s3cr3t" in json.dumps(e, default=str) for e in rn.events.events)
     # and normal traffic still flows
     ok = await acurl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/static/small.html")
     assert ok.stdout == b"200"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, final
 
@@ -56,6 +55,7 @@ from mailmoat.protocols.http import (
     HttpLimits,
     LoginForm,
     LoginOutcome,
+    RequestLine,
     RequestRefused,
     is_websocket_upgrade,
     judge_login,
@@ -173,12 +173,6 @@ class HttpService(ServiceBase):
         except ValueError:
             return False
         return any(address in net for net in self.trusted)
-
-
-#: query parameters whose values stay out of the transcript (``?token=...``)
-_SECRET_QUERY: Final = re.compile(
-    rb"([?&;][^=&;#]*(?:pass|secret|token|otp|key|auth|session)[^=&;#]*=)[^&;#]*", re.IGNORECASE
-)
 
 
 def _send_now(stream: trio.abc.Stream, data: bytes) -> int:
@@ -421,7 +415,7 @@ class _Connection(ConnectionBase):
         form: FormResult | None = None
         buffered: list[bytes] = []
         body_done = False
-        line = request.method + b" " + _SECRET_QUERY.sub(rb"\1***", request.target[:1024])
+        line = RequestLine(request)
         self.session.note_request(line)
         if login is not None and login.matches(request):
             form, buffered, body_done = await self._read_login_body(request)

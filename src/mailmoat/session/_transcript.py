@@ -97,6 +97,14 @@ class Transcript:
         else:
             self._pending = line
 
+    def note(self, direction: str, line: bytes) -> None:
+        """Record ``line`` (``"c"`` or ``"s"``) in any phase: an event the
+        protocol always wants kept (an HTTP login).  A client line replaces
+        the remembered command (see :meth:`refused`)."""
+        if direction == "c":
+            self._pending = None
+        self._add(direction, line)
+
     def reply(self, data: bytes) -> None:
         """Bytes sent to the client: one entry per line, while active."""
         if self.active:

@@ -36,10 +36,10 @@ from typing import Any, Final, Literal, final
 
 from mailmoat.detect.login import LoginFacts
 from mailmoat.policy import RuleHolder, Verdict
-from mailmoat.protocols.http import RequestFields
+from mailmoat.protocols.http import RequestFields, redact_query
 
 from ._policy import SESSION_PHASES, Judge, PolicySession
-from ._transcript import Transcript
+from ._transcript import Redactable, Transcript
 from .commands import BanClient, CheckLogin, ClientHelloFacts, Close, Emit
 
 Header = tuple[bytes, bytes]
@@ -220,18 +220,16 @@ class HttpSession(PolicySession):
         If not, the driver only counts the request and spares building its facts."""
         return bool(self._held) or self.judge.has("request")
 
-    def note_request(self, line: bytes) -> None:
-        """The request line (``METHOD target``) of the request now being served."""
+    def note_request(self, line: Redactable) -> None:
+        """The request now being served (its line is only built if it is refused)."""
         self.transcript.command(line)
 
-    def note_login(self, line: bytes, fields: Mapping[str, str]) -> None:
+    def note_login(self, line: Redactable, fields: Mapping[str, str]) -> None:
         """A login request: into the transcript with its non-secret form fields."""
         t = self.transcript
-        t.active = True
-        t.command(line)
+        t.note("c", line.redacted())
         shown = " ".join(f"{k}={v[:64]}" for k, v in list(fields.items())[:12])
-        t.command(b"[form] " + shown.encode("utf-8", "replace"))
-        t.active = False
+        t.note("c", b"[form] " + shown.encode("utf-8", "replace"))
 
     def screen_refused(self, reason: str, status: int) -> None:
         """The request screen refused what the client sent (the driver answered)."""
@@ -289,10 +287,7 @@ class HttpSession(PolicySession):
         """The backend answered a login request: the event, then the store's counters."""
         self.logins += 1
         outcome = "success" if success else "failure"
-        t = self.transcript
-        t.active = True
-        t.reply(f"HTTP/1.1 {status} (login {outcome} for {user[:128]})".encode())
-        t.active = False
+        self.transcript.note("s", f"HTTP/1.1 {status} (login {outcome} for {user[:128]})".encode())
         self.judge.ctx["auth"] = {"user": user, "mechanism": "form", "result": outcome}
         return [
             Emit(
@@ -420,7 +415,7 @@ class HttpSession(PolicySession):
             {
                 "http.request.method": fields["method"],
                 "url.path": fields["path"],
-                "url.query": fields["query"][:512],
+                "url.query": redact_query(fields["query"][:512]),
                 "http.host": fields["host"],
                 "user_agent.original": fields["user_agent"][:512],
             },

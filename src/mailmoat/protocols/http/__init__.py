@@ -17,6 +17,8 @@ reason code); docs/http.md lists every refusal and forwarding rule.
 """
 
 from ._facts import RequestFields as RequestFields
+from ._facts import RequestLine as RequestLine
+from ._facts import redact_query as redact_query
 from ._facts import request_fields as request_fields
 from ._forms import DEFAULT_FORM_LIMIT as DEFAULT_FORM_LIMIT
 from ._forms import SECRET_FIELD_RE as SECRET_FIELD_RE

@@ -12,11 +12,12 @@ secret fields.
 
 from __future__ import annotations
 
-from typing import Final, TypedDict
+import urllib.parse
+from typing import Final, TypedDict, final
 
 import h11
 
-from ._forms import FormResult
+from ._forms import SECRET_FIELD_RE, FormResult
 from ._syntax import normalize_path, split_target
 
 REDACTED: Final = "***"
@@ -55,6 +56,37 @@ def _redact(name: str, value: str) -> str:
         return REDACTED
     scheme, _, _ = value.partition(" ")
     return f"{scheme} {REDACTED}" if scheme else REDACTED
+
+
+def redact_query(query: str) -> str:
+    """``query`` with the value of every parameter whose name looks secret
+    (:data:`SECRET_FIELD_RE`, as for form fields) replaced by ``***``."""
+    if "=" not in query:
+        return query
+    parts = []
+    for part in query.split("&"):
+        name, equals, _ = part.partition("=")
+        secret = equals and SECRET_FIELD_RE.search(urllib.parse.unquote_plus(name))
+        parts.append(f"{name}={REDACTED}" if secret else part)
+    return "&".join(parts)
+
+
+@final
+class RequestLine:
+    """``METHOD target`` of a request for a transcript, built only if asked
+    (:meth:`redacted`): most requests are never written down."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: h11.Request) -> None:
+        self.request = request
+
+    def redacted(self) -> bytes:
+        """The line, the target cut at 1 KiB and its secret query values masked."""
+        path, question, query = self.request.target[:1024].partition(b"?")
+        if question:
+            path += b"?" + redact_query(query.decode("latin-1")).encode("latin-1")
+        return self.request.method + b" " + path
 
 
 def request_fields(request: h11.Request, body_form: FormResult | None = None) -> RequestFields:
