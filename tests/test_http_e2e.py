@@ -724,3 +724,35 @@ async def test_drain_closes_idle_keep_alive_connections_at_once(
     assert close["session.close_reason"] == "shutdown"
     assert close["http.requests"] == 1
     await stream.aclose()
+
+
+async def test_connect_phase_refusal_answers_the_first_request(
+    nginx: NginxInstance, start_node: StartNode, tmp_path: Path
+) -> None:
+    rules = rule_dir(
+        tmp_path,
+        """
+[[rule]]
+id = "T-HTTP-CONNECT"
+name = "no clients from loopback"
+phase = "connect"
+protocols = ["http"]
+when = 'client.ip == "127.0.0.1"'
+action = "deny"
+severity = "low"
+""",
+    )
+    rn = await start_web(start_node, nginx.address, rules=rules)
+    got = await acurl(
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        f"http://127.0.0.1:{rn.port('web')}/static/small.html?conn-probe",
+    )
+    assert got.stdout.startswith(b"HTTP/1.1 403"), got.stdout
+    close = await rn.wait_for("session.close")
+    assert close["session.close_reason"] == "policy_deny"
+    assert close["http.requests"] == 1
+    await trio.sleep(0.3)
+    assert not logged(nginx, "conn-probe")

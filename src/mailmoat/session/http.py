@@ -178,33 +178,29 @@ class HttpSession(PolicySession):
         geo: Mapping[str, Any] | None = None,
     ) -> list[Any]:
         """The connect phase; a refusal is held for the first request."""
-        self._ban_remaining = ban_remaining
         out = self._connect_phase(banned, False, reputation, geo)
-        if self._closed:
-            # _connect_phase closed the session: keep it open until the
-            # refusal is answered, then close for the same reason
-            reason, self.close_reason, self._closed = self.close_reason, None, False
-            held = [c for c in out if isinstance(c, Respond)]
-            if not held:
-                status = 429 if reason == "banned" else 403
-                held = [self._refusal(status, ban_remaining if reason == "banned" else 0.0)]
-            self._held = [*held, Close(reason or "policy_deny")]
-            out = [c for c in out if not isinstance(c, Respond | Close)]
-        return out
+        return self._hold(out, ban_remaining)
 
     def client_tls_started(
         self, version: str, cipher: str, sni: str | None, hello: ClientHelloFacts | None = None
     ) -> list[Any]:
         out: list[Any] = [self._client_tls(version, cipher, sni, hello)]
         self._apply("tls", out)
-        if self._closed:
-            reason, self.close_reason, self._closed = self.close_reason, None, False
-            self._held = [
-                *[c for c in out if isinstance(c, Respond)],
-                Close(reason or "policy_deny"),
-            ]
-            out = [c for c in out if not isinstance(c, Respond | Close)]
-        return out
+        return self._hold(out)
+
+    def _hold(self, out: list[Any], ban_remaining: float = 0.0) -> list[Any]:
+        """A phase with no request to answer (connect, tls) refused the client:
+        keep the session open and the answer (a banned address: 429) for its
+        first request, then close for the same reason.  The rest of ``out``."""
+        if not self._closed:
+            return out
+        reason = self.close_reason or "policy_deny"
+        self.close_reason, self._closed = None, False
+        held = [c for c in out if isinstance(c, Respond)] or [
+            self._refusal(429, ban_remaining) if reason == "banned" else self._refusal(403, 0.0)
+        ]
+        self._held = [*held, Close(reason)]
+        return [c for c in out if not isinstance(c, Respond | Close)]
 
     def upstream_tls_started(self, version: str, cipher: str) -> list[Any]:
         return [
