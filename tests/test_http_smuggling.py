@@ -43,8 +43,13 @@ import trio
 
 from conftest import RunningNode, StartNode
 from mailmoat.demo.nginx import NginxInstance
-from mailmoat.net.http import SMUGGLING_REASONS
-from mailmoat.protocols.http import REFUSALS, HeadScreen, HttpLimits, RequestRefused
+from mailmoat.protocols.http import (
+    REFUSALS,
+    SMUGGLING_REASONS,
+    HeadScreen,
+    HttpLimits,
+    RequestRefused,
+)
 from test_http_e2e import http_config
 
 pytestmark = pytest.mark.e2e

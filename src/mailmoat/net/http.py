@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, final
 
@@ -86,28 +87,6 @@ UPGRADE_IDLE_TIMEOUT: Final = 600.0
 UPLOAD_GRACE: Final = 1.0
 #: reads on the body paths: larger reads, fewer round trips through h11
 BODY_RECEIVE_SIZE: Final = 256 * 1024
-#: refusals that mean "somebody tried to smuggle a request" rather than a sloppy client
-SMUGGLING_REASONS: Final = frozenset(
-    {
-        "cl-and-te",
-        "duplicate-content-length",
-        "bad-content-length",
-        "bad-transfer-encoding",
-        "te-in-http10",
-        "bare-lf",
-        "bare-cr",
-        "obs-fold",
-        "space-before-colon",
-        "duplicate-host",
-        "host-mismatch",
-        "bad-chunk-size",
-        "chunk-size-too-long",
-        "bad-chunk",
-        "bad-chunk-extension",
-        "bad-trailer",
-        "bad-connection",
-    }
-)
 
 
 class _Abort(Exception):
@@ -555,7 +534,7 @@ class _Connection(ConnectionBase):
         if not close:
             # a request with a body: read it away so the connection can go on
             close = not await self._discard_body()
-        await self._own(status, body, extra=[(b"Location", location)], close=close)
+        await self._own(status, body, [(b"Location", location)], close=close)
 
     async def _discard_body(self) -> bool:
         """Read the rest of a small request body; ``False`` if it is too big to bother."""
@@ -800,13 +779,15 @@ class _Connection(ConnectionBase):
         self,
         status: int,
         body: bytes,
+        headers: Sequence[tuple[bytes, bytes]] = (),
         *,
-        extra: list[tuple[bytes, bytes]] | None = None,
         close: bool = True,
-        content_type: bytes = b"text/plain; charset=utf-8",
     ) -> None:
-        """Answer with mailmoat's own response (through h11 while it can)."""
-        headers = [(b"Content-Type", content_type), *(extra or [])]
+        """Answer with mailmoat's own response (through h11 while it can);
+        plain text unless ``headers`` name a Content-Type."""
+        headers = list(headers)
+        if not any(name.lower() == b"content-type" for name, _ in headers):
+            headers.insert(0, (b"Content-Type", b"text/plain; charset=utf-8"))
         h = self.h_client
         if h.our_state is h11.SEND_RESPONSE and h.their_state is not h11.ERROR:
             if close:
@@ -839,51 +820,18 @@ class _Connection(ConnectionBase):
                 seen += len(data)
 
     async def _refuse(self, exc: RequestRefused | h11.RemoteProtocolError) -> None:
+        """The screen (or h11) refused the client's bytes: an event, 4xx, close."""
         if isinstance(exc, RequestRefused):
-            await self._refuse_request(exc)
+            reason, status, detail, body = exc.reason, exc.status, "", f"{exc.reason}\n"
         else:
-            await self._refuse_h11(exc)
-
-    async def _refuse_request(self, exc: RequestRefused) -> None:
-        """The screen refused the client's bytes: 4xx, an event, close."""
-        smuggling = exc.reason in SMUGGLING_REASONS
-        self.emit(
-            Emit(
-                "http.refused",
-                {
-                    "http.refusal": exc.reason,
-                    "http.response.status_code": exc.status,
-                    "event.severity": "high" if smuggling else "low",
-                    "message": "request smuggling attempt refused"
-                    if smuggling
-                    else "malformed or oversized request refused",
-                },
-                kind="verdict",
-                outcome="failure",
+            reason, status, detail, body = (
+                "h11",
+                exc.error_status_hint or 400,
+                str(exc),
+                "bad request\n",
             )
-        )
-        self.session.ended("http_refused")
-        self.session.screen_refused(exc.reason, exc.status)
-        await self._own(exc.status, f"{exc.reason}\n".encode())
-
-    async def _refuse_h11(self, exc: h11.RemoteProtocolError) -> None:
-        status = exc.error_status_hint or 400
-        self.emit(
-            Emit(
-                "http.refused",
-                {
-                    "http.refusal": "h11",
-                    "http.response.status_code": status,
-                    "error.message": str(exc)[:200],
-                    "event.severity": "low",
-                },
-                kind="verdict",
-                outcome="failure",
-            )
-        )
-        self.session.ended("http_refused")
-        self.session.screen_refused("h11", status)
-        await self._own(status, b"bad request\n")
+        await self.execute(self.session.screen_refused(reason, status, detail))
+        await self._own(status, body.encode())
 
     # ------------------------------------------------------------------ commands
 
@@ -911,15 +859,7 @@ class _Connection(ConnectionBase):
                 case Respond():
                     answered = True
                     with contextlib.suppress(_Abort):
-                        await self._own(
-                            cmd.status,
-                            cmd.body,
-                            extra=[h for h in cmd.headers if h[0].lower() != b"content-type"],
-                            content_type=next(
-                                (v for k, v in cmd.headers if k.lower() == b"content-type"),
-                                b"text/html; charset=utf-8",
-                            ),
-                        )
+                        await self._own(cmd.status, cmd.body, cmd.headers)
                 case Close():
                     pass
             i += 1

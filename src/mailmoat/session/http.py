@@ -36,7 +36,7 @@ from typing import Any, Final, Literal, final
 
 from mailmoat.detect.login import LoginFacts
 from mailmoat.policy import RuleHolder, Verdict
-from mailmoat.protocols.http import RequestFields, redact_query
+from mailmoat.protocols.http import SMUGGLING_REASONS, RequestFields, redact_query
 
 from ._policy import SESSION_PHASES, Judge, PolicySession
 from ._transcript import Redactable, Transcript
@@ -227,12 +227,26 @@ class HttpSession(PolicySession):
         shown = " ".join(f"{k}={v[:64]}" for k, v in list(fields.items())[:12])
         t.note("c", b"[form] " + shown.encode("utf-8", "replace"))
 
-    def screen_refused(self, reason: str, status: int) -> None:
-        """The request screen refused what the client sent (the driver answered)."""
+    def screen_refused(self, reason: str, status: int, detail: str = "") -> list[Any]:
+        """The request screen (or h11) refused what the client sent: its event;
+        the driver answers ``status`` and closes."""
         self.refused += 1
+        self.ended("http_refused")
+        smuggling = reason in SMUGGLING_REASONS
+        fields: dict[str, Any] = {
+            "http.refusal": reason,
+            "http.response.status_code": status,
+            "event.severity": "high" if smuggling else "low",
+            "message": "request smuggling attempt refused"
+            if smuggling
+            else "malformed or oversized request refused",
+        }
+        if detail:
+            fields["error.message"] = detail[:200]
         t = self.transcript
         t.command(f"[request refused before parsing: {reason}]".encode())
         t.refused(b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"")))
+        return [Emit("http.refused", fields, kind="verdict", outcome="failure")]
 
     def _note_refusals(self, out: list[Any]) -> None:
         for cmd in out:

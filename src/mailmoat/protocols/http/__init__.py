@@ -32,6 +32,7 @@ from ._forward import normalize_response as normalize_response
 from ._outcome import LoginOutcome as LoginOutcome
 from ._outcome import judge_login as judge_login
 from ._screen import REFUSALS as REFUSALS
+from ._screen import SMUGGLING_REASONS as SMUGGLING_REASONS
 from ._screen import Framing as Framing
 from ._screen import HeadScreen as HeadScreen
 from ._screen import HttpLimits as HttpLimits

@@ -116,6 +116,29 @@ REFUSALS: Final[Mapping[str, int]] = MappingProxyType(
     }
 )
 
+#: the reasons that mean "somebody tried to smuggle a request", not a sloppy client
+SMUGGLING_REASONS: Final = frozenset(
+    {
+        "cl-and-te",
+        "duplicate-content-length",
+        "bad-content-length",
+        "bad-transfer-encoding",
+        "te-in-http10",
+        "bare-lf",
+        "bare-cr",
+        "obs-fold",
+        "space-before-colon",
+        "duplicate-host",
+        "host-mismatch",
+        "bad-chunk-size",
+        "chunk-size-too-long",
+        "bad-chunk",
+        "bad-chunk-extension",
+        "bad-trailer",
+        "bad-connection",
+    }
+)
+
 _PHRASES: Final = {
     400: b"Bad Request",
     413: b"Content Too Large",
