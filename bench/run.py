@@ -145,6 +145,18 @@ def require_loopback(host: str) -> str:
     return host
 
 
+@contextlib.contextmanager
+def demo_import(opts: Options, module: str) -> Iterator[None]:
+    """Import from ``mailmoat.demo.<module>`` of the tree under test (``--src``);
+    a failed import is a :class:`BenchError` that names the tree."""
+    if str(opts.src) not in sys.path:
+        sys.path.insert(0, str(opts.src))
+    try:
+        yield
+    except ImportError as exc:
+        raise BenchError(f"cannot import mailmoat.demo.{module} from {opts.src}: {exc}") from None
+
+
 def find_binaries(names: list[str]) -> dict[str, str]:
     """Locate the tools a section needs; one clear message for all that are missing."""
     found: dict[str, str] = {}
@@ -1480,13 +1492,9 @@ def section_imap(ctx: Context) -> dict[str, Any]:
     """IMAP: logins/s and FETCH MiB/s, Dovecot direct / HAProxy TCP / mailmoat."""
     opts = ctx.opts
     bins = find_binaries(["haproxy", "timeout"])
-    if str(opts.src) not in sys.path:
-        sys.path.insert(0, str(opts.src))
-    try:
+    with demo_import(opts, "dovecot"):
         from mailmoat.demo.dovecot import DovecotError, DovecotInstance, DovecotPorts
         from mailmoat.demo.dovecot import dovecot_available as have_dovecot
-    except ImportError as exc:
-        raise BenchError(f"cannot import mailmoat.demo.dovecot from {opts.src}: {exc}") from None
     if not have_dovecot():
         raise BenchError(
             "missing dovecot: install with "
@@ -1951,13 +1959,9 @@ def section_detection(ctx: Context) -> dict[str, Any]:
     """Detection: IMAP logins/s through mailmoat, detection off / memory store / Redis."""
     opts = ctx.opts
     bins = find_binaries(["redis-server", "timeout"])
-    if str(opts.src) not in sys.path:
-        sys.path.insert(0, str(opts.src))
-    try:
+    with demo_import(opts, "dovecot"):
         from mailmoat.demo.dovecot import DovecotError, DovecotInstance, DovecotPorts
         from mailmoat.demo.dovecot import dovecot_available as have_dovecot
-    except ImportError as exc:
-        raise BenchError(f"cannot import mailmoat.demo.dovecot from {opts.src}: {exc}") from None
     if not have_dovecot():
         raise BenchError(
             "missing dovecot: install with "
@@ -2599,12 +2603,8 @@ def section_http(ctx: Context) -> dict[str, Any]:
     opts = ctx.opts
     host = opts.host
     bins = find_binaries(["wrk", "timeout"])
-    if str(opts.src) not in sys.path:
-        sys.path.insert(0, str(opts.src))
-    try:
+    with demo_import(opts, "nginx"):
         from mailmoat.demo.nginx import STATIC_FILES, NginxError, NginxInstance, nginx_available
-    except ImportError as exc:
-        raise BenchError(f"cannot import mailmoat.demo.nginx from {opts.src}: {exc}") from None
     if not nginx_available():
         raise BenchError("missing nginx (/usr/sbin/nginx): install with `apt-get install nginx`")
     cases = http_cases(opts)
