@@ -43,6 +43,7 @@ import trio
 
 from mailmoat.events import wall_clock
 from mailmoat.events.journal import EventFilter, Journal, is_blocked, parse_when
+from mailmoat.policy import IPNetwork, parse_ip, parse_network
 from mailmoat.state import StoreUnavailable
 
 from ._page import add_page_routes
@@ -74,8 +75,6 @@ DEFAULT_ALLOW_LIST: Final = "trusted_networks"
 MAX_NOTE: Final = 2000
 _TRUE: Final = ("", "1", "true", "yes", "on")
 _FALSE: Final = ("0", "false", "no", "off")
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class BadParameter(ValueError):
@@ -301,39 +300,21 @@ def session_story(events: list[dict[str, Any]]) -> dict[str, Any]:
 def parse_allow_value(kind: str, value: str) -> IPNetwork:
     """The network to allow: ``ip`` takes one address, ``cidr`` a network or an address.
 
-    IPv4-mapped IPv6 becomes IPv4 (the list matches it as IPv4 anyway); a
-    network with host bits set is refused, as the list file refuses it.
+    Parsed as the rule engine parses list entries (:func:`parse_network`):
+    IPv4-mapped IPv6 becomes IPv4, a network with host bits set is refused.
     """
     text = value.strip()
     if kind == "ip":
+        address = parse_ip(text)
+        if address is None:
+            raise BadParameter("value", f"not an IP address: {value!r}")
+        return ipaddress.ip_network(address)
+    if kind == "cidr":
         try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            raise BadParameter("value", f"not an IP address: {value!r}") from None
-        net: IPNetwork = ipaddress.ip_network(address)
-    elif kind == "cidr":
-        try:
-            net = ipaddress.ip_network(text, strict=True)
+            return parse_network(text)
         except ValueError as exc:
-            try:
-                loose = ipaddress.ip_network(text, strict=False)
-            except ValueError:
-                raise BadParameter("value", f"not an IP network: {value!r}") from None
-            raise BadParameter(
-                "value", f"{value!r} has host bits set; write {str(loose)!r}"
-            ) from exc
-    else:
-        raise BadParameter("kind", f'must be "ip" or "cidr", not {kind!r}')
-    return _unmapped(net)
-
-
-def _unmapped(net: IPNetwork) -> IPNetwork:
-    """``::ffff:a.b.c.d/n`` as the IPv4 network it stands for."""
-    if isinstance(net, ipaddress.IPv6Network):
-        mapped = net.network_address.ipv4_mapped
-        if mapped is not None and net.prefixlen >= 96:
-            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
-    return net
+            raise BadParameter("value", str(exc)) from None
+    raise BadParameter("kind", f'must be "ip" or "cidr", not {kind!r}')
 
 
 def _entry_text(net: IPNetwork) -> str:
@@ -354,7 +335,7 @@ def _listed(text: str, net: IPNetwork) -> str | None:
         if not item:
             continue
         try:
-            have = _unmapped(ipaddress.ip_network(item, strict=False))
+            have = parse_network(item)
         except ValueError:
             continue
         if isinstance(net, ipaddress.IPv4Network) and isinstance(have, ipaddress.IPv4Network):

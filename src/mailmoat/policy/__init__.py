@@ -22,10 +22,13 @@ from ._fields import PHASES as PHASES
 from ._fields import PROTOCOLS as PROTOCOLS
 from ._fields import Field as Field
 from ._fields import default_context as default_context
+from ._functions import IPNetwork as IPNetwork
 from ._functions import IpRanges as IpRanges
 from ._functions import NamedList as NamedList
 from ._functions import cidr as cidr
 from ._functions import glob as glob
+from ._functions import parse_ip as parse_ip
+from ._functions import parse_network as parse_network
 from ._holder import ReloadResult as ReloadResult
 from ._holder import RuleHolder as RuleHolder
 from ._holder import snapshot as snapshot
