@@ -25,6 +25,7 @@ from typing import final
 import msgpack
 import trio
 
+from ._files import replace_file
 from .admin import AdminConfig, AdminServer
 from .admin._routes import add_node_routes
 from .config import Address, BackendConfig, Config
@@ -488,11 +489,9 @@ def restore_snapshot(store: MemoryStore, path: Path, emitter: Emitter) -> None:
 
 def save_snapshot(store: MemoryStore, path: Path, emitter: Emitter) -> None:
     """Write the store to ``path`` atomically (a crash leaves the old file or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(msgpack.packb(store.snapshot()))
-        os.replace(tmp, path)
+        replace_file(path, msgpack.packb(store.snapshot()))
     except OSError as exc:
         emitter.emit(
             "state.snapshot",

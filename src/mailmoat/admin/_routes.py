@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from mailmoat._files import replace_file
 from mailmoat.events import wall_clock
 from mailmoat.events.journal import EventFilter, Journal, is_blocked, parse_when
 from mailmoat.policy import IPNetwork, parse_ip, parse_network
@@ -350,38 +351,6 @@ def _listed(text: str, net: IPNetwork) -> str | None:
     return None
 
 
-def replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file beside it, fsynced, renamed over.
-
-    The new file keeps the old one's permission bits.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o644
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _reload_body(result: ReloadResult) -> dict[str, Any]:
     return {
         "ok": result.ok,
@@ -441,7 +410,7 @@ def allow(
     line = f"{entry}  # added by {client} at {when}" + (f": {comment}" if comment else "")
     new = old + ("" if not old or old.endswith("\n") else "\n") + line + "\n"
     try:
-        replace_file(path, new)
+        replace_file(path, new.encode("utf-8"))
     except OSError as exc:
         return _error(
             500,
@@ -462,7 +431,7 @@ def allow(
     if not reload.ok:
         # keep the file in step with the rules in force
         try:
-            replace_file(path, old)
+            replace_file(path, old.encode("utf-8"))
             restored = True
         except OSError:
             restored = False
