@@ -26,6 +26,7 @@ from mailmoat.session.imap import ImapSession, ImapSessionConfig, StartRelay
 from mailmoat.session.smtp import Emit, SmtpSession, SmtpSessionConfig
 from test_imap_e2e import Raw, SourceIMAP, imap_config
 from test_imap_session import greeted as imap_greeted
+from test_smtp_auth import no_secrets, sasl_config
 from test_smtp_session import EHLO_REPLY, ehloed, greeted
 
 # -------------------------------------------------------------------- helpers
@@ -342,30 +343,11 @@ async def transcript_for(rn: RunningNode, session_id: str) -> dict[str, Any]:
     return ev
 
 
-def no_secrets(rn: RunningNode, *secrets_: str) -> None:
-    dump = json.dumps(rn.events.events)
-    for s in secrets_:
-        assert s not in dump, s
-
-
 def smtp_config(postfix_sasl: PostfixInstance) -> str:
-    return f"""
-[node]
-name = "transcripts"
-[tls]
-cert = "{{cert}}"
-key = "{{key}}"
-[log]
-events = "none"
-
-[[listener]]
-name = "submission"
-protocol = "smtp"
-listen = "127.0.0.1:0"
-tls = "starttls"
-require_tls = true
-backend = "submission"
-
+    """The AUTH tests' submission listener, plus an inbound (port 25) one."""
+    return (
+        sasl_config(postfix_sasl)
+        + f"""
 [[listener]]
 name = "mx"
 protocol = "smtp"
@@ -374,14 +356,10 @@ tls = "starttls"
 backend = "mx"
 
 [[backend]]
-name = "submission"
-address = "127.0.0.1:{postfix_sasl.ports.submission}"
-client_identity = "xclient"
-
-[[backend]]
 name = "mx"
 address = "127.0.0.1:{postfix_sasl.ports.smtp}"
 """
+    )
 
 
 @pytest_e2e
