@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import StartNode
 from mailmoat.demo.postfix import PostfixInstance
 from mailmoat.events import Emitter, NodeMetrics
+from test_admin_api import node_config
 from test_smtp_e2e import DOMAIN, make_message, unique
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -352,42 +353,13 @@ action = "deny"
 """
 
 
-def node_config(backend_port: int) -> str:
-    return f"""
-[node]
-name = "metrics"
-drain_timeout = 2
-
-[tls]
-cert = "{{cert}}"
-key = "{{key}}"
-
-[log]
-events = "none"
-
-[rules]
-paths = ["rules/"]
-
-[[listener]]
-name = "smtp"
-protocol = "smtp"
-listen = "127.0.0.1:0"
-tls = "starttls"
-backend = "mx"
-
-[[backend]]
-name = "mx"
-address = "127.0.0.1:{backend_port}"
-"""
-
-
 @pytest.mark.e2e
 async def test_a_node_counts_its_sessions_and_verdicts(
     postfix: PostfixInstance, start_node: StartNode, tmp_path: Path
 ) -> None:
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "50-test.toml").write_text(RULES)
-    rn = await start_node(node_config(postfix.ports.smtp))
+    rn = await start_node(node_config(postfix.ports.smtp, admin=False))
     assert rn.node.metrics is not None
     port = rn.port("smtp")
 
