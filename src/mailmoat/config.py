@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, final
 
 from .errors import ConfigError, MailmoatError
+from .protocols.http import HttpLimits
 
 TlsMode = Literal["none", "starttls", "implicit"]
 Protocol = Literal["smtp", "imap", "http"]
@@ -111,15 +112,19 @@ class HttpLoginConfig:
     failure_location: str | None = None
 
 
+_HTTP_LIMITS = HttpLimits()
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class HttpListenerConfig:
     """The keys only an ``http`` listener has (docs/http.md)."""
 
-    max_head_size: int = 16 * 1024
-    max_header_count: int = 100
-    max_target_length: int = 8 * 1024
-    max_body_size: int = 64 * 1024 * 1024
+    # the request screen's own defaults (protocols/http, HttpLimits)
+    max_head_size: int = _HTTP_LIMITS.max_head_size
+    max_header_count: int = _HTTP_LIMITS.max_header_count
+    max_target_length: int = _HTTP_LIMITS.max_target_length
+    max_body_size: int = _HTTP_LIMITS.max_body_size
     #: seconds from the first byte of a request head to its blank line (slowloris)
     header_timeout: float = 10.0
     #: ``""``: proxy; ``"host"``: redirect to https://<Host>; else an https origin to redirect to
