@@ -756,3 +756,18 @@ severity = "low"
     assert close["http.requests"] == 1
     await trio.sleep(0.3)
     assert not logged(nginx, "conn-probe")
+
+
+async def test_a_trusted_proxy_s_forwarding_headers_are_kept(
+    webapp: WebAppProcess, start_node: StartNode
+) -> None:
+    rn = await start_web(
+        start_node, webapp.address, extra='trusted_proxies = ["127.0.0.0/8"]', login=False
+    )
+    got = await acurl(
+        "-H",
+        "X-Forwarded-For: 203.0.113.9",
+        f"http://127.0.0.1:{rn.port('web')}/echo-headers",
+    )
+    values = dict(json.loads(got.stdout)["headers"])
+    assert values["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"

@@ -39,7 +39,6 @@ nursery.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from typing import Any, Final, Literal, final
 import h11
 import trio
 
+from mailmoat.policy import IpRanges, parse_network
 from mailmoat.protocols.http import (
     DEFAULT_FORM_LIMIT,
     FormExtractor,
@@ -102,7 +102,8 @@ class HttpService(ServiceBase):
     limits: HttpLimits = field(init=False)
     login: LoginForm | None = field(init=False)
     outcome: LoginOutcome | None = field(init=False)
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(init=False)
+    #: ``trusted_proxies``, matched as the rule engine matches networks
+    trusted: IpRanges = field(init=False)
     #: the node is draining (see :meth:`start_draining`)
     draining: bool = field(default=False, init=False)
     #: the read deadlines of connections waiting for their next request
@@ -122,7 +123,7 @@ class HttpService(ServiceBase):
             max_target_length=hc.max_target_length,
             max_body_size=hc.max_body_size,
         )
-        self.trusted = tuple(ipaddress.ip_network(n) for n in hc.trusted_proxies)
+        self.trusted = IpRanges(parse_network(n) for n in hc.trusted_proxies)
         lc = hc.login
         self.login = LoginForm(lc.path, lc.user_field, lc.password_field, lc.method) if lc else None
         self.outcome = (
@@ -143,15 +144,6 @@ class HttpService(ServiceBase):
         self.draining = True
         for scope in list(self.idle_waits):
             scope.cancel()
-
-    def is_trusted(self, ip: str) -> bool:
-        if not self.trusted:
-            return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in net for net in self.trusted)
 
 
 def _send_now(stream: trio.abc.Stream, data: bytes) -> int:
@@ -211,7 +203,7 @@ class _Connection(ConnectionBase):
             h11.SERVER, max_incomplete_event_size=service.limits.max_head_size + 2
         )
         self.h_up: h11.Connection | None = None
-        self.trusted = service.is_trusted(self.ip)
+        self.trusted = self.ip in service.trusted
         #: the client's bytes h11 has not seen (held by the screen) are in the screen
         self.client_eof = False
         #: the request being answered: HEAD, its method
