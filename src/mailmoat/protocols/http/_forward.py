@@ -91,15 +91,12 @@ _Message = TypeVar("_Message", h11.Response, h11.InformationalResponse)
 def is_websocket_upgrade(request: h11.Request) -> bool:
     """True for an RFC 6455 opening handshake: an HTTP/1.1 GET with
     ``Connection: upgrade`` and ``Upgrade: websocket`` (and nothing else)."""
+    if request.method != b"GET" or request.http_version != b"1.1":
+        return False  # most requests: no need to look at the fields
     headers = list(request.headers)
     connection = comma_tokens([v for k, v in headers if k == b"connection"])
     upgrade = comma_tokens([v for k, v in headers if k == b"upgrade"])
-    return (
-        request.method == b"GET"
-        and request.http_version == b"1.1"
-        and b"upgrade" in connection
-        and upgrade == [b"websocket"]
-    )
+    return b"upgrade" in connection and upgrade == [b"websocket"]
 
 
 @functools.lru_cache(maxsize=4096)
