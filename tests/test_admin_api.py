@@ -447,6 +447,21 @@ async def test_allow_appends_to_the_list_file_and_reloads(
     assert code == 0
     assert "already in the list 'trusted_networks' as 10.1.0.0/16" in out
 
+    # and out again: the API for the address, the command for the network
+    status, body = await api(rn, "POST", "/api/allow/remove", {"kind": "ip", "value": "127.0.0.1"})
+    assert (status, body["removed"]) == (200, True), body
+    assert not [x for x in list_file.read_text().splitlines() if x.startswith("127.0.0.1")]
+    removed = await rn.wait_for("allowlist.remove")
+    assert removed["allowlist.value"] == "127.0.0.1"
+    assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 554  # no longer trusted
+    code, out, _ = await cli("allow", "-c", config, "--remove", "10.1.2.0/24")
+    assert code == 1
+    assert "covered by 10.1.0.0/16" in out
+    code, out, err = await cli("allow", "-c", config, "--remove", "10.1.0.0/16")
+    assert code == 0, err
+    assert "removed 10.1.0.0/16 from trusted_networks" in out
+    assert list_file.read_text() == shipped
+
     # bad values name the field; a list that is not there is a conflict
     for request, name in [
         ({"kind": "cidr", "value": "10.1.0.1/16"}, "value"),

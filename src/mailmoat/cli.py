@@ -146,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     allow.add_argument("--comment", default="", help="why, kept in the list file")
     allow.add_argument("--list", dest="list_name", metavar="NAME", help="another cidr list")
+    allow.add_argument(
+        "--remove", action="store_true", help="take the entry out of the list again (and reload)"
+    )
     ja4 = sub.add_parser(
         "ja4",
         help="fingerprint a TLS ClientHello (JA3, JA4) given as hex",
@@ -397,7 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "allow":
             from .cli_admin import cmd_allow
 
-            return cmd_allow(args.config, args.value, args.comment, args.list_name)
+            return cmd_allow(
+                args.config, args.value, args.comment, args.list_name, remove=args.remove
+            )
         case "ja4":
             return cmd_ja4(args.hex, args.json, args.alpn_convention)
         case "demo":

@@ -213,8 +213,16 @@ def cmd_unban(config_path: str, ip: str) -> int:
     return 1
 
 
-def cmd_allow(config_path: str, values: Sequence[str], comment: str, list_name: str | None) -> int:
-    """``allow IP|CIDR`` (the kind from the value) or ``allow ip|cidr VALUE``."""
+def cmd_allow(
+    config_path: str,
+    values: Sequence[str],
+    comment: str,
+    list_name: str | None,
+    *,
+    remove: bool = False,
+) -> int:
+    """``allow IP|CIDR`` (the kind from the value) or ``allow ip|cidr VALUE``;
+    ``--remove`` takes the entry out again."""
     if len(values) == 2 and values[0] in ("ip", "cidr"):
         kind, value = values
     elif len(values) == 1:
@@ -223,19 +231,24 @@ def cmd_allow(config_path: str, values: Sequence[str], comment: str, list_name: 
     else:
         _say("allow: give an address or a network (allow 192.0.2.7, allow 10.1.0.0/16)")
         return 2
-    body: dict[str, Any] = {"kind": kind, "value": value, "comment": comment}
+    body: dict[str, Any] = {"kind": kind, "value": value}
+    if not remove:
+        body["comment"] = comment
     if list_name:
         body["list"] = list_name
+    path = "/api/allow/remove" if remove else "/api/allow"
     try:
-        status, answer = _call(config_path, "POST", "/api/allow", body)
+        status, answer = _call(config_path, "POST", path, body)
     except _Fail as exc:
         print(exc, file=sys.stderr)
         return exc.code
     if status == 200 and isinstance(answer, dict):
-        if not answer.get("added"):
-            print(answer.get("message", "already listed"))
-            return 0
-        print(f"added {answer.get('value')} to {answer.get('list')} ({answer.get('file')})")
+        done = "removed" if remove else "added"
+        if not answer.get(done):
+            print(answer.get("message", "nothing to change"))
+            return 1 if remove else 0
+        where = "from" if remove else "to"
+        print(f"{done} {answer.get('value')} {where} {answer.get('list')} ({answer.get('file')})")
         rules = answer.get("rules") or {}
         print(f"rules reloaded: {rules.get('summary')}")
         return 0

@@ -14,6 +14,7 @@ Contract (docs/admin.md): :func:`add_node_routes` registers every route on an
   the journal as a ``session.label`` event of that session;
 * ``POST /api/allow``: append an address or network to a file-backed ``cidr``
   list (``trusted_networks`` by default), atomically, then reload the rules;
+  ``POST /api/allow/remove`` takes an entry out again the same way;
 * ``GET /metrics``: ``node.metrics.render()`` when the node has metrics.
 
 Theory of operation
@@ -35,7 +36,7 @@ import functools
 import ipaddress
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -332,13 +333,10 @@ def _clean_comment(text: str) -> str:
 def _listed(text: str, net: IPNetwork) -> str | None:
     """The entry of the list file ``text`` that already covers ``net``, if any."""
     for raw in text.splitlines():
+        have = _entry_of(raw)
+        if have is None:
+            continue
         item = raw.split("#", 1)[0].strip()
-        if not item:
-            continue
-        try:
-            have = parse_network(item)
-        except ValueError:
-            continue
         if isinstance(net, ipaddress.IPv4Network) and isinstance(have, ipaddress.IPv4Network):
             if net.subnet_of(have):
                 return item
@@ -363,14 +361,8 @@ def _reload_body(result: ReloadResult) -> dict[str, Any]:
     }
 
 
-def allow(
-    node: Node, list_name: str, kind: str, net: IPNetwork, comment: str, client: str
-) -> Response:
-    """``POST /api/allow`` once its body is checked: append, reload, audit (or say why not).
-
-    Synchronous on purpose (see the module docstring): reading the list,
-    replacing it and reloading the rules happen without a checkpoint.
-    """
+def _list_file(node: Node, list_name: str) -> tuple[str, Path] | Response:
+    """The file behind the ``cidr`` list ``list_name``, or a 409 saying why it has none."""
     rules = node.rules.current
     named = rules.lists.get(list_name)
     if named is None or named.kind != "cidr":
@@ -386,47 +378,62 @@ def allow(
         return _error(
             409,
             f"the list {list_name!r} is written inline (items = [...]) in {named.source}; "
-            'only a list read from a file (file = "...") can be added to',
+            'only a list read from a file (file = "...") can be changed',
         )
     # a symlinked list stays a symlink: replace the file it points to
-    path = Path(os.path.realpath(named.source))
+    return named.source, Path(os.path.realpath(named.source))
+
+
+def _change_list(
+    node: Node,
+    list_name: str,
+    net: IPNetwork,
+    client: str,
+    change: Callable[[str, str], tuple[str | None, str]],
+    *,
+    action: str,
+    done: str,
+    fields: Mapping[str, Any],
+) -> Response:
+    """Read the list, ``change(old text, entry)`` it, replace the file, reload the
+    rules, audit as ``action``; the file is put back if the reload fails.
+
+    ``change`` returns the new text and the line it wrote or a message, or
+    ``None`` and a message for "nothing to do"; the answer says ``done``
+    (``added``, ``removed``) true or false.
+    Synchronous on purpose (see the module docstring): reading the list,
+    replacing it and reloading the rules happen without a checkpoint.
+    """
+    found = _list_file(node, list_name)
+    if isinstance(found, Response):
+        return found
+    source, path = found
     entry = _entry_text(net)
-    result: dict[str, Any] = {"list": list_name, "file": named.source, "value": entry}
+    result: dict[str, Any] = {"list": list_name, "file": source, "value": entry}
     try:
         old = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return _error(500, f"cannot read the list file {named.source}: {exc}")
-    covered = _listed(old, net)
-    if covered is not None:
-        return Response.json(
-            {
-                "ok": True,
-                "added": False,
-                "message": f"{entry} is already in the list {list_name!r} as {covered}",
-                **result,
-            }
-        )
-    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    line = f"{entry}  # added by {client} at {when}" + (f": {comment}" if comment else "")
-    new = old + ("" if not old or old.endswith("\n") else "\n") + line + "\n"
+        return _error(500, f"cannot read the list file {source}: {exc}")
+    new, message = change(old, entry)
+    if new is None:
+        return Response.json({"ok": True, done: False, "message": message, **result})
     try:
         replace_file(path, new.encode("utf-8"))
     except OSError as exc:
         return _error(
             500,
-            f"cannot write the list file {named.source}: {exc.strerror or exc} (the node's user "
+            f"cannot write the list file {source}: {exc.strerror or exc} (the node's user "
             f"must be able to create a file in {path.parent}; under systemd's "
             f"ProtectSystem=strict add ReadWritePaths={path.parent})",
         )
     reload = node.reload_rules("admin")
-    fields: dict[str, Any] = {
+    audit: dict[str, Any] = {
         "list.name": list_name,
-        "file.path": named.source,
-        "allowlist.kind": kind,
+        "file.path": source,
         "allowlist.value": entry,
-        "allowlist.comment": comment,
         "admin.client": client,
         "rules.generation": node.rules.generation,
+        **fields,
     }
     if not reload.ok:
         # keep the file in step with the rules in force
@@ -435,13 +442,13 @@ def allow(
             restored = True
         except OSError:
             restored = False
-        fields["error.message"] = reload.summary()
-        node.emitter.emit("allowlist.add", fields, kind="audit", outcome="failure")
+        audit["error.message"] = reload.summary()
+        node.emitter.emit(action, audit, kind="audit", outcome="failure")
         return Response.json(
             {
                 "ok": False,
-                "added": False,
-                "error": "the rules did not reload, so the entry was "
+                done: False,
+                "error": "the rules did not reload, so the change was "
                 + ("taken out again" if restored else "written but is NOT in force")
                 + f": {reload.summary()}",
                 "rules": _reload_body(reload),
@@ -449,18 +456,62 @@ def allow(
             },
             422,
         )
-    node.emitter.emit("allowlist.add", fields, kind="audit", outcome="success")
+    node.emitter.emit(action, audit, kind="audit", outcome="success")
     current = node.rules.current.lists.get(list_name)
     return Response.json(
         {
             "ok": True,
-            "added": True,
-            "line": line,
+            done: True,
+            "line" if done == "added" else "message": message,
             "active": current is not None and str(net.network_address) in current,
             "rules": _reload_body(reload),
             **result,
         }
     )
+
+
+def allow(
+    node: Node, list_name: str, kind: str, net: IPNetwork, comment: str, client: str
+) -> Response:
+    """``POST /api/allow`` once its body is checked: append, reload, audit (or say why not)."""
+
+    def append(old: str, entry: str) -> tuple[str | None, str]:
+        covered = _listed(old, net)
+        if covered is not None:
+            return None, f"{entry} is already in the list {list_name!r} as {covered}"
+        when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        line = f"{entry}  # added by {client} at {when}" + (f": {comment}" if comment else "")
+        return old + ("" if not old or old.endswith("\n") else "\n") + line + "\n", line
+
+    fields = {"allowlist.kind": kind, "allowlist.comment": comment}
+    return _change_list(
+        node, list_name, net, client, append, action="allowlist.add", done="added", fields=fields
+    )
+
+
+def disallow(node: Node, list_name: str, net: IPNetwork, client: str) -> Response:
+    """``POST /api/allow/remove``: take the entry for exactly ``net`` out, reload, audit."""
+
+    def remove(old: str, entry: str) -> tuple[str | None, str]:
+        lines = old.splitlines(keepends=True)
+        kept = [line for line in lines if _entry_of(line) != net]
+        if len(kept) == len(lines):
+            covered = _listed(old, net)
+            why = f"; it is covered by {covered}: remove that" if covered else ""
+            return None, f"{entry} is not an entry of the list {list_name!r}{why}"
+        return "".join(kept), f"removed {len(lines) - len(kept)} line(s) for {entry}"
+
+    return _change_list(
+        node, list_name, net, client, remove, action="allowlist.remove", done="removed", fields={}
+    )
+
+
+def _entry_of(line: str) -> IPNetwork | None:
+    item = line.split("#", 1)[0].strip()
+    try:
+        return parse_network(item) if item else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- routes
@@ -647,6 +698,16 @@ def add_node_routes(server: AdminServer, node: Node) -> None:
         # no await from here on: no other request changes the file meanwhile
         return allow(node, list_name, kind, net, comment, request.client[0])
 
+    async def post_allow_remove(request: Request) -> Response:
+        data = _body(request)
+        kind = _text(data, "kind")
+        value = _text(data, "value")
+        assert kind is not None
+        assert value is not None
+        list_name = _text(data, "list", required=False) or DEFAULT_ALLOW_LIST
+        net = parse_allow_value(kind, value)
+        return disallow(node, list_name, net, request.client[0])
+
     # -- metrics ------------------------------------------------------------------------
 
     async def get_metrics(_request: Request) -> Response:
@@ -665,5 +726,6 @@ def add_node_routes(server: AdminServer, node: Node) -> None:
     server.route("GET", "/api/sessions/{id}", get_session)
     server.route("POST", "/api/sessions/{id}/label", _handles_bad_parameters(post_label))
     server.route("POST", "/api/allow", _handles_bad_parameters(post_allow))
+    server.route("POST", "/api/allow/remove", _handles_bad_parameters(post_allow_remove))
     server.route("GET", "/metrics", get_metrics)
     add_page_routes(server)  # the review page (docs/review.md), no token: it holds no data
