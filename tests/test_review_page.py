@@ -382,6 +382,9 @@ async def test_blocked_sessions_newest_first_filtered_and_shared_by_url(
     deny = await denied_session(rn, mailmoat_tls)
     assert await trio.to_thread.run_sync(ehlo, port, "banme.example") == 554
     ban = str((await rn.wait_for("client.ban"))["session.id"])
+    # the ban session's close may land after the client saw 554: wait for it, or the
+    # synthetic session below is not the newest row
+    await rn.wait_for("session.close", session__id=ban)
     xss = "0000feedface00000001"
     emit_blocked(rn, xss, user=XSS_USER, ip="192.0.2.66")
     await journal_has_blocked(rn, {deny, ban, xss})
