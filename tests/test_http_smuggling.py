@@ -37,12 +37,14 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
 
 from conftest import RunningNode, StartNode
 from mailmoat.demo.nginx import NginxInstance
+from mailmoat.events.journal import EventFilter, Journal
 from mailmoat.protocols.http import (
     REFUSALS,
     SMUGGLING_REASONS,
@@ -823,6 +825,23 @@ async def test_smuggling_refused_nothing_reaches_nginx(
     await canary(rn, nginx, case.id)
     await trio.sleep(max(0.0, refused_at + 0.5 - trio.current_time()))
     assert log_hits(nginx, marker) == []
+
+
+async def test_a_refused_smuggle_is_a_blocked_session_in_the_journal(
+    nginx: NginxInstance, start_node: StartNode, tmp_path: Path
+) -> None:
+    # what the SOC sees: `mailmoat events --blocked` and the review page list it
+    rn = await start(start_node, nginx)
+    case = next(c for c in CASES if c.reason == "cl-and-te")
+    _, closed = await exchange(rn.port("web"), case.build(case.marker()))
+    assert closed
+    close = await rn.wait_for("session.close", session__close_reason="http_refused")
+    journal = Journal(tmp_path / "data" / "journal")
+    blocked = EventFilter(blocked=True, session=str(close["session.id"]))
+    with trio.fail_after(10):
+        while not (found := list(journal.query(blocked))):
+            await trio.sleep(0.05)
+    assert [e["event.action"] for e in found] == ["session.close"]
 
 
 # --------------------------------------------------------------------------- slowloris

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from mailmoat.events import _journal_format, reasons
 from mailmoat.events import journal as journal_mod
 from mailmoat.events._journal_format import FRAME_SIZE, HEADER_SIZE, MAGIC, FrameScan
 from mailmoat.events.journal import (
@@ -435,19 +436,48 @@ def _verdicts() -> list[dict[str, Any]]:
         event(7, {"event.kind": v, "event.action": "client.ban", "rule.id": "MM-1"}),
         event(8, {"event.kind": v, "event.action": "rule.match", "verdict.action": "tarpit"}),
         event(9, {"event.action": "session.close", "session.close_reason": "banned"}),
+        event(10, {"event.action": "session.close", "session.close_reason": "http_refused"}),
+        event(11, {"event.action": "session.close", "session.close_reason": "backend_closed"}),
     ]
 
 
 def test_blocked(tmp_path: Path) -> None:
     events = _verdicts()
-    assert [e["n"] for e in events if is_blocked(e)] == [0, 2, 3, 5, 8, 9]
+    assert [e["n"] for e in events if is_blocked(e)] == [0, 2, 3, 5, 8, 9, 10]
     with SegmentWriter(tmp_path, segment_size=4096) as w:
         w.append_events(event(100 + i) for i in range(40))  # no refusals in these
         w.append_events(events)
     j = Journal(tmp_path)
-    assert numbers(j.query(EventFilter(blocked=True))) == [0, 2, 3, 5, 8, 9]
+    assert numbers(j.query(EventFilter(blocked=True))) == [0, 2, 3, 5, 8, 9, 10]
     assert j.stats.skipped >= 1  # segments without refusals were not opened
     assert numbers(j.query(EventFilter(blocked=False, kind="verdict"))) == [1, 4, 7]
+
+
+def test_close_reasons_have_one_list() -> None:
+    # the reasons that lower reputation are blocked sessions; every one is a metric label
+    assert reasons.REFUSALS <= reasons.BLOCKING <= reasons.ALL
+    assert journal_mod.BLOCKING_CLOSE_REASONS is reasons.BLOCKING
+    assert {"http_refused", "policy_tarpit", "banned"} <= reasons.BLOCKING
+    assert reasons.kind_of("backend_closed") == "backend"
+    assert reasons.kind_of("client_quit") == "ended"
+    assert reasons.kind_of("nonsense") is None
+
+
+def test_an_index_written_under_other_blocked_rules_is_rescanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an index counts its blocked events; when what "blocked" means changes
+    # (a new refusal close reason), an old index would hide the segment
+    with SegmentWriter(tmp_path, segment_size=4096) as w:
+        w.append_events(event(100 + i) for i in range(40))
+        w.append_events(_verdicts())
+    j = Journal(tmp_path)
+    assert numbers(j.query(EventFilter(blocked=True))) == [0, 2, 3, 5, 8, 9, 10]
+    assert j.stats.scanned == 0
+    monkeypatch.setattr(_journal_format, "BLOCKING_KEY", "another-set")
+    j = Journal(tmp_path)
+    assert numbers(j.query(EventFilter(blocked=True))) == [0, 2, 3, 5, 8, 9, 10]
+    assert j.stats.scanned == len(j.segments())  # no old index was trusted
 
 
 def test_filters(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ import msgpack
 
 from mailmoat.errors import MailmoatError
 
+from . import reasons
+
 #: first bytes of every segment: name, format version, and the PNG trick
 #: (CR LF, ^Z, LF) so that a text-mode copy or an ASCII transfer shows
 MAGIC: Final = b"MMJ1\r\n\x1a\n"
@@ -52,31 +54,16 @@ _NONZERO: Final = re.compile(rb"[^\x00]")
 
 #: ``verdict.action`` values that refused something
 BLOCKING_ACTIONS: Final = frozenset({"deny", "reject", "ban", "tarpit"})
-#: ``session.close_reason`` values that say mailmoat refused the session: the
-#: refusals the connection driver counts for reputation (``policy_deny``,
-#: ``policy_ban``, the protocol-safety refusals) plus ``banned`` (a banned
-#: address connected), ``message_rejected`` (a data-phase rule),
-#: ``message_too_big``, ``message_line_too_long`` and ``state_unavailable`` (a
-#: login refused while the shared store was blind)
-BLOCKING_CLOSE_REASONS: Final = frozenset(
-    {
-        "policy_deny",
-        "policy_ban",
-        "banned",
-        "message_rejected",
-        "pregreet",
-        "non_smtp_command",
-        "pipelining_violation",
-        "starttls_injection",
-        "message_smuggling",
-        "message_bare_newline",
-        "message_too_big",
-        "message_line_too_long",
-        "line_too_long",
-        "too_many_errors",
-        "state_unavailable",
-    }
-)
+#: ``session.close_reason`` values that say mailmoat refused the session
+#: (:data:`mailmoat.events.reasons.BLOCKING`: the refusals that lower a
+#: source's reputation plus ``banned``, ``message_rejected``, the message size
+#: limits and ``state_unavailable``)
+BLOCKING_CLOSE_REASONS: Final = reasons.BLOCKING
+#: what "blocked" meant when an index was written: a segment index counts its
+#: blocked events, so an index written under other sets is stale and rescanned
+BLOCKING_KEY: Final = hashlib.sha256(
+    " ".join([*sorted(BLOCKING_ACTIONS), "/", *sorted(BLOCKING_CLOSE_REASONS)]).encode()
+).hexdigest()[:12]
 
 
 class JournalError(MailmoatError):
@@ -515,6 +502,7 @@ class IndexBuilder:
     def wire(self, size: int) -> dict[str, Any]:
         return {
             "v": INDEX_VERSION,
+            "blocked_key": BLOCKING_KEY,
             "size": size,
             "count": self.count,
             "corrupt": self.corrupt,
@@ -542,6 +530,8 @@ def decode_index(data: bytes) -> SegmentIndex:
     wire = unpack_event(data[offset + FRAME_SIZE : stop])
     if wire is None or wire.get("v") != INDEX_VERSION:
         raise ValueError("unknown index version")
+    if wire.get("blocked_key") != BLOCKING_KEY:
+        raise ValueError("index counted blocked events under other rules")
     try:
         blocks = tuple(
             Block(int(b[0]), int(b[1]), _opt_float(b[2]), _opt_float(b[3])) for b in wire["blocks"]

@@ -31,6 +31,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from . import reasons
+
 #: distinct values one label of one metric may take before the rest is ``other``
 MAX_LABEL_VALUES: Final = 500
 #: a label value longer than this is ``other`` (rule ids and names are short)
@@ -42,52 +44,7 @@ OUTCOMES: Final = frozenset({"success", "failure", "unknown"})
 TLS_LEGS: Final = frozenset({"client", "backend"})
 #: every ``session.close_reason`` the protocol sessions and drivers set
 #: (docs/events.md), plus ``unknown`` (a session that set none)
-CLOSE_REASONS: Final = frozenset(
-    {
-        "client_quit",
-        "client_logout",
-        "client_closed",
-        "client_gone",
-        "client_timeout",
-        "client_idle",
-        "client_protocol_error",
-        "tls_failed",
-        "starttls_injection",
-        "message_too_big",
-        "message_smuggling",
-        "message_bare_newline",
-        "message_line_too_long",
-        "message_rejected",
-        "pregreet",
-        "non_smtp_command",
-        "policy_deny",
-        "policy_ban",
-        "policy_tarpit",
-        "banned",
-        "pipelining_violation",
-        "too_many_errors",
-        "line_too_long",
-        "idle_timeout",
-        "http_refused",
-        "response_before_body",
-        "state_unavailable",
-        "backend_xclient_refused",
-        "backend_unavailable",
-        "backend_refused",
-        "backend_closed",
-        "backend_timeout",
-        "backend_protocol_error",
-        "backend_tls_failed",
-        "backend_starttls_missing",
-        "backend_starttls_refused",
-        "backend_starttls_injection",
-        "backend_preauth",
-        "backend_id_refused",
-        "shutdown",
-        "internal_error",
-        "unknown",
-    }
-)
+CLOSE_REASONS: Final = reasons.ALL
 #: seconds: from a refused pregreeter (milliseconds) to a long IMAP IDLE
 SESSION_BUCKETS: Final = (
     0.005,

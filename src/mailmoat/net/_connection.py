@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -24,7 +24,7 @@ from mailmoat.detect.geo import GeoInfo, GeoIP
 from mailmoat.detect.reputation import Reputation
 from mailmoat.detect.tls import assess_downgrade, remember_tls, shared_ja4, shared_ja4_ops
 from mailmoat.detect.travel import LoginProfile, assess
-from mailmoat.events import Emitter, new_session_id, wall_clock
+from mailmoat.events import Emitter, new_session_id, reasons, wall_clock
 from mailmoat.policy import RuleHolder
 from mailmoat.protocols.tls import HelloError, fingerprint, parse_client_hello
 from mailmoat.session.commands import BanClient, CheckLogin, ClientHelloFacts, Emit
@@ -38,22 +38,7 @@ RECEIVE_SIZE = 65536
 #: a tarpit never holds a session longer than this per command
 MAX_TARPIT = 60.0
 #: how a session ended that lowers its source's reputation
-REFUSAL_REASONS = frozenset(
-    {
-        "policy_deny",
-        "policy_ban",
-        "pregreet",
-        "non_smtp_command",
-        "pipelining_violation",
-        "starttls_injection",
-        "message_smuggling",
-        "message_bare_newline",
-        "too_many_errors",
-        "line_too_long",
-        "http_refused",
-        "policy_tarpit",
-    }
-)
+REFUSAL_REASONS: Final = reasons.REFUSALS
 
 
 class Session(Protocol):
