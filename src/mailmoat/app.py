@@ -316,7 +316,7 @@ async def _start_journal(
     """
     jc = config.journal
     writer = JournalWriter(
-        jc.dir or config.node.data_dir / "journal",
+        config.journal_dir,
         segment_size=jc.segment_size,
         segment_age=jc.segment_age,
         retain_age=jc.retain_age,

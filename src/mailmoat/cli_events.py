@@ -60,7 +60,7 @@ def journal_dir(config_path: str) -> Path:
     from .config import load_config
 
     config = load_config(config_path, check_files=False)
-    return config.journal.dir or config.node.data_dir / "journal"
+    return config.journal_dir
 
 
 def cmd_events(config_path: str, opts: Any, out: TextIO = sys.stdout) -> int:

@@ -263,6 +263,11 @@ class Config:
     geoip: GeoipConfig = field(default_factory=GeoipConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
 
+    @property
+    def journal_dir(self) -> Path:
+        """Where the journal lives: ``[journal] dir``, else ``data_dir/journal``."""
+        return self.journal.dir or self.node.data_dir / "journal"
+
 
 # --------------------------------------------------------------------------- locating
 

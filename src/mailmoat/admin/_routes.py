@@ -533,7 +533,7 @@ def _handles_bad_parameters(handler: Handler) -> Handler:
 def add_node_routes(server: AdminServer, node: Node) -> None:
     """Register the node's routes on ``server`` (see the module docstring)."""
     config = node.config
-    journal_dir = config.journal.dir or config.node.data_dir / "journal"
+    journal_dir = config.journal_dir
 
     def journal() -> Journal:
         return Journal(journal_dir)

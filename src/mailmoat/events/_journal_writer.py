@@ -31,6 +31,8 @@ from typing import Any, Final, Self, final
 
 import trio
 
+from mailmoat.config import JournalConfig
+
 from ._emitter import wall_clock
 from ._journal_format import (
     FRAME,
@@ -50,12 +52,14 @@ from ._journal_format import (
     segment_name,
 )
 
-DEFAULT_SEGMENT_SIZE: Final = 64 * 1024 * 1024
-DEFAULT_SEGMENT_AGE: Final = 3600.0
-DEFAULT_RETAIN_AGE: Final = 14 * 86400.0
-DEFAULT_RETAIN_SIZE: Final = 2 * 1024 * 1024 * 1024
-DEFAULT_QUEUE: Final = 10_000
-DEFAULT_FSYNC_INTERVAL: Final = 1.0
+# the defaults are ``[journal]``'s (one place for the numbers)
+_CONFIG: Final = JournalConfig()
+DEFAULT_SEGMENT_SIZE: Final = _CONFIG.segment_size
+DEFAULT_SEGMENT_AGE: Final = _CONFIG.segment_age
+DEFAULT_RETAIN_AGE: Final = _CONFIG.retain_age
+DEFAULT_RETAIN_SIZE: Final = _CONFIG.retain_size
+DEFAULT_QUEUE: Final = _CONFIG.queue
+DEFAULT_FSYNC_INTERVAL: Final = _CONFIG.fsync_interval
 #: how often (by the writer's clock) retention looks at the directory when idle
 RETAIN_CHECK_INTERVAL: Final = 60.0
 #: records per block of the sparse offset index
