@@ -3,23 +3,28 @@
 A real node with ``[admin]`` in front of the real Postfix (the set-up of
 test_admin_api.py), blocked SMTP sessions from smtplib, and Debian's
 Chromium driven by Playwright: the list of blocked sessions and its filters,
-one session's story, unban, allow and label clicked on the page and checked
-in the node (its bans, its journal, its allow list, a new SMTP connection).
+one session's story, unban, allow (and taking the entry out again) and label
+clicked on the page and checked in the node (its bans, its journal, its allow
+list, a new SMTP connection), and the list paged with "Load older".
 
 Playwright's sync API is bound to the thread that started it, and the node
 runs in the test's Trio thread: :class:`Chrome` keeps the browser in a thread
 of its own and the test hands it one step at a time (``await tab.run(step)``),
 so the node keeps serving while the page talks to it.
 
-``MAILMOAT_SCREENSHOTS=1`` also writes docs/img/review-list.png and
-docs/img/review-detail.png.
+``MAILMOAT_SCREENSHOTS=1`` also writes docs/img/review-list.png,
+docs/img/review-detail.png, docs/img/review-older.png and
+docs/img/review-allow.png.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import http.client
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +36,7 @@ from playwright.sync_api import Browser, Dialog, Page, Playwright, expect, sync_
 
 from conftest import MailmoatTLS, RunningNode, StartNode
 from mailmoat.demo.postfix import PostfixInstance
+from mailmoat.events import EventSink
 from test_admin_api import (
     TOKEN,
     api,
@@ -249,6 +255,25 @@ def emit_blocked(
         outcome="failure",
         session_id=sid,
     )
+
+
+@contextlib.contextmanager
+def stamped(rn: RunningNode, when: float) -> Iterator[None]:
+    """Every event the node emits meanwhile carries ``@timestamp`` ``when`` (the
+    emitter's format, milliseconds): sessions that share a timestamp on purpose."""
+    stamp = dt.datetime.fromtimestamp(when, dt.UTC).isoformat(timespec="milliseconds")
+    stamp = stamp.replace("+00:00", "Z")
+    emitter = rn.node.emitter
+    sinks = emitter.sinks
+
+    def restamp(sink: EventSink) -> EventSink:
+        return lambda event: sink({**event, "@timestamp": stamp})
+
+    emitter.sinks = [restamp(sink) for sink in sinks]
+    try:
+        yield
+    finally:
+        emitter.sinks = sinks
 
 
 async def journal_has_blocked(rn: RunningNode, sids: set[str]) -> None:
@@ -617,4 +642,218 @@ async def test_unban_and_allow_from_the_page_end_to_end(
     audit = await rn.wait_for("allowlist.add")
     assert (audit["allowlist.kind"], audit["allowlist.value"]) == ("ip", "127.0.0.1")
     assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 250  # trusted now
+    tab.check_clean()
+
+
+async def test_allow_list_entry_taken_out_again_from_the_page(
+    postfix: PostfixInstance,
+    start_node: StartNode,
+    mailmoat_tls: MailmoatTLS,
+    tmp_path: Path,
+    tab: Tab,
+) -> None:
+    rn = await start(start_node, postfix)
+    port = rn.port("smtp")
+    sid = await denied_session(rn, mailmoat_tls)
+    await journal_has_blocked(rn, {sid})
+    list_file = tmp_path / "rules" / "lists" / "trusted_networks.txt"  # of rules_dir
+    shipped = list_file.read_text()
+    url = base_url(rn)
+
+    def allow(page: Page) -> None:
+        log_in(page, url)
+        wait_rows(page, [sid])
+        page.click(f"#sessions tr[data-session='{sid}'] a")
+        expect(page.locator("#d-id")).to_have_text(sid)
+        expect(page.locator("#allow")).to_have_text("Allow-list 127.0.0.1")
+        expect(page.locator("#allow-remove")).to_be_hidden()  # nothing to take out yet
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#allow")
+        status = page.locator("#action-status")
+        expect(status).to_contain_text("Added 127.0.0.1 to trusted_networks")
+        expect(status).to_have_class("status ok")
+        remove = page.locator("#allow-remove")
+        expect(remove).to_be_visible()
+        expect(remove).to_have_text("Remove 127.0.0.1 from trusted_networks")
+        screenshot(page, "review-allow.png")
+
+    await tab.run(allow)
+    assert list_file.read_text().startswith(shipped + "127.0.0.1  # added by 127.0.0.1 at ")
+    await rn.wait_for("allowlist.add", event__outcome="success")
+    assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 250  # trusted now
+
+    def remove_by_keyboard(page: Page) -> None:
+        page.focus("#allow-remove")
+        page.keyboard.press("Enter")
+        status = page.locator("#action-status")
+        expect(status).to_have_text(
+            re.compile(
+                r"^Removed 127\.0\.0\.1 from trusted_networks \(\S+trusted_networks\.txt\); "
+                r"the rules were reloaded\.$"
+            )
+        )
+        expect(status).to_have_class("status ok")
+        expect(page.locator("#allow-remove")).to_be_hidden()
+        expect(page.locator("#allow")).to_be_focused()  # the keyboard is not sent to the top
+
+    await tab.run(remove_by_keyboard)
+    assert list_file.read_text() == shipped
+    audit = await rn.wait_for("allowlist.remove", event__outcome="success")
+    assert (audit["allowlist.value"], audit["admin.client"]) == ("127.0.0.1", "127.0.0.1")
+    assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 554  # refused again
+
+    # listed by someone else (the CLI): the page learns it from Allow-list's answer
+    status, body = await api(
+        rn, "POST", "/api/allow", {"kind": "ip", "value": "127.0.0.1", "comment": "by the CLI"}
+    )
+    assert (status, body["added"]) == (200, True)
+    listed = list_file.read_text()
+
+    def already_listed(page: Page) -> None:
+        page.reload()
+        expect(page.locator("#d-id")).to_have_text(sid)
+        expect(page.locator("#allow")).to_be_visible()
+        expect(page.locator("#allow-remove")).to_be_hidden()
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#allow")
+        status = page.locator("#action-status")
+        expect(status).to_have_text(
+            "127.0.0.1 is already in the list 'trusted_networks' as 127.0.0.1"
+        )
+        expect(page.locator("#allow-remove")).to_have_text("Remove 127.0.0.1 from trusted_networks")
+
+    await tab.run(already_listed)
+    assert list_file.read_text() == listed
+
+    # the rules do not reload: the error shows and the entry (still in force) can be retried
+    broken = tmp_path / "rules" / "70-broken.toml"
+    broken.write_text("[[rule]]\nid = 'X'\n")
+
+    def remove_fails(page: Page) -> None:
+        page.click("#allow-remove")
+        status = page.locator("#action-status")
+        expect(status).to_contain_text(
+            "Removing 127.0.0.1 from trusted_networks failed (422): the rules did not reload, "
+            "so the change was taken out again"
+        )
+        expect(status).to_have_class("status error")
+        expect(page.locator("#allow-remove")).to_be_visible()
+        expect(page.locator("#allow-remove")).to_be_enabled()
+
+    await tab.run(remove_fails)
+    assert list_file.read_text() == listed
+    failed = await rn.wait_for("allowlist.remove", event__outcome="failure")
+    assert failed["allowlist.value"] == "127.0.0.1"
+    assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 250  # still trusted
+    broken.unlink()
+
+    # taken out behind the page's back: the page says nothing was removed
+    status, body = await api(rn, "POST", "/api/allow/remove", {"kind": "ip", "value": "127.0.0.1"})
+    assert (status, body["removed"]) == (200, True)
+
+    def gone_already(page: Page) -> None:
+        page.click("#allow-remove")
+        status = page.locator("#action-status")
+        expect(status).to_have_text(
+            "Nothing removed: 127.0.0.1 is not an entry of the list 'trusted_networks'"
+        )
+        expect(status).to_have_class("status error")
+        expect(page.locator("#allow-remove")).to_be_hidden()
+
+    await tab.run(gone_already)
+    assert list_file.read_text() == shipped
+    assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 554
+    tab.check_clean()
+
+
+# --------------------------------------------------------------------------- paging
+
+
+async def test_load_older_pages_show_every_session_once_newest_first(
+    postfix: PostfixInstance, start_node: StartNode, tab: Tab
+) -> None:
+    rn = await start(start_node, postfix)
+    # 7 sessions, 2 blocked events each (the rule.match, the close): 14 events; s3 to s6
+    # share one millisecond, so pages of 5 events end inside that tie, and s5 is cut in
+    # two (its close on the first page, its rule.match on the second)
+    sids = [f"0000feedface000000{i:02d}" for i in range(1, 8)]
+    t0 = time.time() - 600
+    when = [t0, t0 + 1, t0 + 2, t0 + 2, t0 + 2, t0 + 2, t0 + 3]
+    for i, (sid, at) in enumerate(zip(sids, when, strict=True), 1):
+        with stamped(rn, at):
+            emit_blocked(rn, sid, user=XSS_USER if i == 1 else f"user{i}", ip=f"192.0.2.{10 + i}")
+    await journal_has_blocked(rn, set(sids))
+    newest = sids[::-1]
+    s5 = sids[4]
+    url = base_url(rn)
+    dash = "\u2014"
+
+    def pages_of_five(page: Page) -> None:
+        log_in(page, url + "#range=24h&limit=5")
+        status = page.locator("#list-status")
+        older = page.locator("#load-older")
+        wait_rows(page, newest[:3])
+        expect(status).to_have_text(
+            "3 blocked sessions (the newest 5 events only: Load older for more, "
+            "or narrow the filters)"
+        )
+        expect(older).to_be_visible()
+        # only its close so far
+        assert row_cells(page, s5) == ["imap", "192.0.2.15", dash, dash, dash, "policy_deny", s5]
+
+        older.focus()
+        page.keyboard.press("Enter")
+        wait_rows(page, newest[:5])
+        expect(status).to_have_text(
+            "5 blocked sessions (the newest 10 events only: Load older for more, "
+            "or narrow the filters)"
+        )
+        # the rest of s5 came with the second page: one row, now whole
+        assert row_cells(page, s5) == ["imap", "192.0.2.15", "NL", "user5", "T-XSS", "deny", s5]
+        expect(older).to_be_focused()
+        screenshot(page, "review-older.png")
+
+        page.keyboard.press("Enter")
+        wait_rows(page, newest)
+        expect(status).to_have_text("7 blocked sessions")
+        expect(older).to_be_hidden()  # nothing older
+        # the keyboard goes on to the first row the last page brought
+        expect(page.locator(f"#sessions tr[data-session='{sids[1]}'] a")).to_be_focused()
+        assert row_cells(page, sids[0])[3] == XSS_USER  # appended rows are text too
+        assert page.locator("#sessions img").count() == 0
+        assert page.evaluate("window.__xss") is None
+
+        # Apply starts again from the newest page, with the page size of the URL
+        apply_filters(page, newest[:3])
+        assert "limit=5" in page.evaluate("location.hash")
+        expect(older).to_be_visible()
+        # the filters hold for the older pages too: .12 to .15 are s2 to s5
+        apply_filters(page, [s5, sids[3], sids[2]], ip="192.0.2.12/30")
+        page.click("#load-older")
+        wait_rows(page, [s5, sids[3], sids[2], sids[1]])
+        expect(older).to_be_hidden()
+        expect(status).to_have_text("4 blocked sessions")
+
+    await tab.run(pages_of_five)
+
+    def pages_of_seven(page: Page) -> None:
+        # 14 events in pages of 7: the second page is full too, so only the third
+        # (with nothing new) tells that there is nothing older
+        page.evaluate("location.hash = '#range=24h&limit=7'")
+        status = page.locator("#list-status")
+        older = page.locator("#load-older")
+        wait_rows(page, newest[:4])
+        expect(status).to_contain_text("(the newest 7 events only: Load older")
+        older.focus()
+        page.keyboard.press("Enter")
+        wait_rows(page, newest)
+        expect(status).to_contain_text("(the newest 14 events only: Load older")
+        expect(older).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(older).to_be_hidden()
+        expect(status).to_have_text("7 blocked sessions")
+        wait_rows(page, newest)
+        expect(page.locator(f"#sessions tr[data-session='{sids[0]}'] a")).to_be_focused()
+
+    await tab.run(pages_of_seven)
     tab.check_clean()

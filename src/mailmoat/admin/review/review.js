@@ -1,4 +1,5 @@
-// mailmoat review page: blocked sessions, one session's story, unban / allow / label.
+// mailmoat review page: blocked sessions (paged), one session's story, unban /
+// allow (and take out again) / label.
 //
 // Everything shown comes from the admin API (docs/admin.md) and much of it from
 // the attacker (user names, HELO names, transcripts): it only ever reaches the
@@ -10,6 +11,8 @@
   const FILTERS = ["protocol", "rule", "user", "ip", "country"];
   const RANGES = ["1h", "24h", "7d", "custom"];
   const DEFAULT_RANGE = "24h";
+  // the most events GET /api/events returns at once (the API's MAX_EVENT_LIMIT)
+  const MAX_LIMIT = 10000;
 
   const $ = (id) => document.getElementById(id);
 
@@ -110,6 +113,9 @@
       state.since = (params.get("since") || "").trim();
       state.until = (params.get("until") || "").trim();
     }
+    // the page size of the list in events (default: the API's, 1000)
+    const limit = (params.get("limit") || "").trim();
+    state.limit = /^[1-9][0-9]{0,4}$/.test(limit) && Number(limit) <= MAX_LIMIT ? limit : "";
     state.session = (params.get("session") || "").trim();
     return state;
   }
@@ -122,6 +128,7 @@
       if (state.since) params.set("since", state.since);
       if (state.until) params.set("until", state.until);
     }
+    if (state.limit) params.set("limit", state.limit);
     if (state.session) params.set("session", state.session);
     return "#" + params.toString();
   }
@@ -157,100 +164,232 @@
     return state;
   }
 
-  function eventsQuery(state) {
+  // the query of one page: `until` and `limit` set the page (the first page: neither)
+  function eventsQuery(state, until, limit) {
     const params = new URLSearchParams({ blocked: "true" });
     for (const name of FILTERS) if (state[name]) params.set(name, state[name]);
     if (state.range !== "custom") params.set("since", state.range);
     else {
       if (state.since) params.set("since", state.since);
-      if (state.until) params.set("until", state.until);
+      if (state.until && !until) params.set("until", state.until);
     }
+    // an older page ends where the pages before it did, so before the form's `until` too
+    if (until) params.set("until", until);
+    if (limit) params.set("limit", String(limit));
     return "/api/events?" + params.toString();
   }
 
-  // one row per session, newest first (the events come newest first)
-  function sessionRows(events) {
-    const rows = new Map();
-    for (const e of events) {
-      const key = e["session.id"] || "event " + rows.size;
-      let row = rows.get(key);
-      if (!row) {
-        row = {
-          id: e["session.id"] || "",
-          time: e["@timestamp"],
-          protocol: "",
-          ip: "",
-          country: "",
-          user: "",
-          rules: [],
-          actions: [],
-          close: "",
-        };
-        rows.set(key, row);
-      }
-      row.protocol = row.protocol || e["session.protocol"] || "";
-      row.ip = row.ip || e["client.ip"] || "";
-      row.country = row.country || e["client.geo.country"] || "";
-      row.user = row.user || e["auth.user"] || "";
-      const rule = e["rule.id"];
-      if (rule && !row.rules.includes(rule)) row.rules.push(rule);
-      const action = e["verdict.action"];
-      if (e["event.kind"] === "verdict" && action && !row.actions.includes(action)) {
-        row.actions.push(action);
-      }
-      if (e["event.action"] === "session.close") row.close = e["session.close_reason"] || "";
-    }
-    return [...rows.values()];
+  function stampMs(e) {
+    return typeof e["@timestamp"] === "string" ? Date.parse(e["@timestamp"]) : NaN;
   }
 
-  let listRequest = 0;
+  // What the list shows: one row per session, newest first, merged across pages.
+  //
+  // The events come newest first, so a session first seen on a later page is older
+  // than every row above it: new rows go at the bottom, a row already there only
+  // gains what its older events tell. The next page is the events before the oldest
+  // one shown: `until` (which excludes that time itself) is that time plus one
+  // millisecond, and the events at exactly that time already shown (`tail.count`,
+  // the newest of that millisecond) are the first ones of the answer at that time:
+  // they are asked for on top of a page and skipped. So no event is read twice and
+  // none is missed however many share a timestamp, and every page brings new ones.
+  function newList(state) {
+    return {
+      state,
+      rows: new Map(),
+      unnamed: 0,
+      events: 0,
+      pageSize: 0,
+      tail: null, // the oldest time shown (ms) and how many events shown have it
+      more: false, // the last page was full: there may be older events
+      loading: false,
+    };
+  }
+
+  let list = null;
+
+  function mergeEvent(l, e) {
+    const key = e["session.id"] ? "session " + e["session.id"] : "event " + l.unnamed++;
+    let row = l.rows.get(key);
+    const fresh = !row;
+    if (!row) {
+      row = {
+        id: e["session.id"] || "",
+        time: e["@timestamp"],
+        protocol: "",
+        ip: "",
+        country: "",
+        user: "",
+        rules: [],
+        actions: [],
+        close: "",
+        tr: null,
+      };
+      l.rows.set(key, row);
+    }
+    row.protocol = row.protocol || e["session.protocol"] || "";
+    row.ip = row.ip || e["client.ip"] || "";
+    row.country = row.country || e["client.geo.country"] || "";
+    row.user = row.user || e["auth.user"] || "";
+    const rule = e["rule.id"];
+    if (rule && !row.rules.includes(rule)) row.rules.push(rule);
+    const action = e["verdict.action"];
+    if (e["event.kind"] === "verdict" && action && !row.actions.includes(action)) {
+      row.actions.push(action);
+    }
+    // events come newest first: the newest close of the session is the one to show
+    if (e["event.action"] === "session.close" && !row.close) row.close = e["session.close_reason"] || "";
+    return [row, fresh];
+  }
+
+  // add one answer of GET /api/events (`asked` events at most, `skip` of them shown already)
+  function addPage(l, events, asked, skip) {
+    const touched = new Set();
+    const added = [];
+    const cursor = l.tail ? l.tail.ms : NaN;
+    let skipped = 0;
+    for (const e of events) {
+      if (skipped < skip && stampMs(e) === cursor) {
+        skipped++;
+        continue;
+      }
+      const ms = stampMs(e);
+      if (l.tail && ms === l.tail.ms) l.tail.count++;
+      else l.tail = { ms, count: 1 };
+      l.events++;
+      const [row, fresh] = mergeEvent(l, e);
+      if (fresh) added.push(row);
+      touched.add(row);
+    }
+    l.more = events.length >= asked;
+    return [touched, added];
+  }
+
+  // a page can follow when the last one was full and the oldest time shown is a time
+  function canPage(l) {
+    return l.more && l.tail !== null && Number.isFinite(l.tail.ms) && l.tail.count < MAX_LIMIT;
+  }
+
+  function rowElement(row, state) {
+    const link = el("a", { href: hashOf({ ...state, session: row.id }) }, row.id || "\u2014");
+    const tr = el(
+      "tr",
+      { "data-session": row.id },
+      el("td", { class: "nowrap" }, when(row.time)),
+      el("td", {}, display(row.protocol)),
+      el("td", { class: "mono" }, display(row.ip)),
+      el("td", {}, display(row.country)),
+      el("td", { class: "user" }, display(row.user)),
+      el("td", { class: "mono" }, row.rules.length ? row.rules.join(", ") : "\u2014"),
+      el("td", {}, row.actions.join(", ") || row.close || "\u2014"),
+      el("td", { class: "mono" }, link),
+    );
+    if (row.id) {
+      tr.classList.add("clickable");
+      tr.addEventListener("click", (event) => {
+        if (event.target.closest("a")) return;
+        location.hash = hashOf({ ...state, session: row.id });
+      });
+    }
+    return tr;
+  }
+
+  // draw the rows a page touched: new ones at the bottom, the others in their place
+  function drawRows(l, touched) {
+    const tbody = $("sessions").tBodies[0];
+    for (const row of touched) {
+      const tr = rowElement(row, l.state);
+      if (row.tr) row.tr.replaceWith(tr);
+      else tbody.append(tr);
+      row.tr = tr;
+    }
+  }
+
+  function listSummary(l) {
+    const n = l.rows.size;
+    let text = n
+      ? n + (n === 1 ? " blocked session" : " blocked sessions")
+      : "No blocked sessions match these filters.";
+    if (l.more) {
+      text +=
+        " (the newest " +
+        l.events +
+        " events only: " +
+        (canPage(l) ? "Load older for more, or narrow the filters" : "narrow the filters to see older ones") +
+        ")";
+    }
+    return text;
+  }
+
+  function showListEnd(l) {
+    setStatus($("list-status"), listSummary(l), l.rows.size ? "" : "empty");
+    $("load-older").hidden = !canPage(l);
+  }
 
   async function showList(state) {
     show("list-view");
     fillFilters(state);
-    const tbody = $("sessions").tBodies[0];
     const status = $("list-status");
-    const mine = ++listRequest;
+    const mine = newList(state);
+    list = mine;
+    $("load-older").hidden = true;
+    $("load-older").disabled = false;
     setStatus(status, "Loading\u2026", "");
-    const r = await api("GET", eventsQuery(state));
-    if (mine !== listRequest) return;
-    tbody.replaceChildren();
+    const limit = state.limit ? Number(state.limit) : 0;
+    const r = await api("GET", eventsQuery(state, "", limit));
+    if (mine !== list) return;
+    $("sessions").tBodies[0].replaceChildren();
     if (!r.ok) {
       setStatus(status, "The node refused the query (" + r.status + "): " + r.error, "error");
       return;
     }
     const events = Array.isArray(r.data.events) ? r.data.events : [];
-    const rows = sessionRows(events);
-    for (const row of rows) {
-      const link = el("a", { href: hashOf({ ...state, session: row.id }) }, row.id || "\u2014");
-      const tr = el(
-        "tr",
-        { "data-session": row.id },
-        el("td", { class: "nowrap" }, when(row.time)),
-        el("td", {}, display(row.protocol)),
-        el("td", { class: "mono" }, display(row.ip)),
-        el("td", {}, display(row.country)),
-        el("td", { class: "user" }, display(row.user)),
-        el("td", { class: "mono" }, row.rules.length ? row.rules.join(", ") : "\u2014"),
-        el("td", {}, row.actions.join(", ") || row.close || "\u2014"),
-        el("td", { class: "mono" }, link),
+    mine.pageSize = Number(r.data.limit) || limit || events.length || 1;
+    const [touched] = addPage(mine, events, mine.pageSize, 0);
+    drawRows(mine, touched);
+    showListEnd(mine);
+  }
+
+  async function loadOlder() {
+    const mine = list;
+    if (!mine || mine.loading || !canPage(mine)) return;
+    const button = $("load-older");
+    const focused = document.activeElement === button;
+    const skip = mine.tail.count;
+    const asked = Math.min(mine.pageSize + skip, MAX_LIMIT);
+    const until = new Date(mine.tail.ms + 1).toISOString();
+    mine.loading = true;
+    button.disabled = true;
+    setStatus($("list-status"), "Loading older events\u2026", "");
+    let r;
+    try {
+      r = await api("GET", eventsQuery(mine.state, until, asked));
+    } catch (exc) {
+      if (exc instanceof Unauthorized) return;
+      throw exc;
+    } finally {
+      mine.loading = false;
+      if (mine === list) button.disabled = false;
+    }
+    if (mine !== list) return;
+    if (!r.ok) {
+      setStatus(
+        $("list-status"),
+        "Loading older events failed (" + r.status + "): " + r.error + " (the rows shown stay)",
+        "error",
       );
-      if (row.id) {
-        tr.classList.add("clickable");
-        tr.addEventListener("click", (event) => {
-          if (event.target.closest("a")) return;
-          location.hash = hashOf({ ...state, session: row.id });
-        });
-      }
-      tbody.append(tr);
+      if (focused) button.focus();
+      return;
     }
-    let text = rows.length
-      ? rows.length + (rows.length === 1 ? " blocked session" : " blocked sessions")
-      : "No blocked sessions match these filters.";
-    if (r.data.count >= r.data.limit) {
-      text += " (the newest " + r.data.limit + " events only: narrow the filters to see older ones)";
-    }
-    setStatus(status, text, rows.length ? "" : "empty");
+    const events = Array.isArray(r.data.events) ? r.data.events : [];
+    const [touched, added] = addPage(mine, events, asked, skip);
+    drawRows(mine, touched);
+    showListEnd(mine);
+    if (!focused) return;
+    // keyboard users: stay on the button, or go on to the first row it brought
+    const next = added.length ? added[0].tr : $("sessions").tBodies[0].lastElementChild;
+    if (!button.hidden) button.focus();
+    else if (next) next.querySelector("a").focus();
   }
 
   // -- one session -----------------------------------------------------------------------
@@ -442,6 +581,7 @@
     const ip = client.ip ? String(client.ip) : "";
     for (const span of document.querySelectorAll("#d-actions .ip")) span.textContent = ip;
     $("unban").hidden = $("allow").hidden = !ip;
+    showAllowRemove();
     $("d-actions").hidden = false;
   }
 
@@ -516,9 +656,50 @@
         comment: "review page, session " + id,
       });
       if (!r.ok) return [false, "Allow-listing failed (" + r.status + "): " + r.error];
+      // added now or there already: either way the page can offer to take it out
+      allowed.set(ip, { value: String(r.data.value || ip), list: String(r.data.list || "") });
+      showAllowRemove();
       if (!r.data.added) return [true, String(r.data.message || "Already allow-listed.")];
       return [true, "Added " + r.data.value + " to " + r.data.list + " (" + r.data.file + "); the rules were reloaded."];
     });
+  }
+
+  // The allow-list entries this page added (or found there already), by client
+  // address: {value, list}. The API has no question "is it listed?", so the page
+  // knows only these; Allow-list again says so for an address listed elsewhere.
+  const allowed = new Map();
+
+  function showAllowRemove() {
+    const ip = clientIp();
+    const entry = ip ? allowed.get(ip) : undefined;
+    const button = $("allow-remove");
+    button.hidden = !entry;
+    button.querySelector(".entry").textContent = entry ? entry.value : "";
+    button.querySelector(".list").textContent = entry ? entry.list : "";
+  }
+
+  async function allowRemove() {
+    const ip = clientIp();
+    const entry = allowed.get(ip);
+    if (!entry) return;
+    const button = $("allow-remove");
+    const where = entry.list || "the allow list";
+    await act(button, async () => {
+      const body = { kind: "ip", value: entry.value };
+      if (entry.list) body.list = entry.list;
+      const r = await api("POST", "/api/allow/remove", body);
+      if (!r.ok) return [false, "Removing " + entry.value + " from " + where + " failed (" + r.status + "): " + r.error];
+      allowed.delete(ip);
+      showAllowRemove();
+      if (!r.data.removed) return [false, "Nothing removed: " + String(r.data.message || "no such entry")];
+      let text = "Removed " + r.data.value + " from " + r.data.list + " (" + r.data.file + "); the rules were reloaded.";
+      if (r.data.active) text += " " + r.data.value + " is still allowed: another entry of the list covers it.";
+      return [true, text];
+    });
+    // the button is gone: keyboard focus goes back to Allow-list, not to the top of the page
+    if (button.hidden && (document.activeElement === button || document.activeElement === document.body)) {
+      $("allow").focus();
+    }
   }
 
   function label(value) {
@@ -586,6 +767,8 @@
     });
     $("unban").addEventListener("click", unban);
     $("allow").addEventListener("click", allow);
+    $("allow-remove").addEventListener("click", allowRemove);
+    $("load-older").addEventListener("click", loadOlder);
     $("label-fp").addEventListener("click", () => label("false_positive"));
     $("label-confirmed").addEventListener("click", () => label("confirmed"));
     window.addEventListener("hashchange", route);
