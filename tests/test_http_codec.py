@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailmoat.detect.login import LoginFacts, password_fingerprint
 from mailmoat.errors import LocalProtocolError, RemoteProtocolError
 from mailmoat.protocols.http import (
     REFUSALS,
@@ -28,6 +29,7 @@ from mailmoat.protocols.http import (
     HttpLimits,
     LoginForm,
     LoginOutcome,
+    RequestLine,
     RequestRefused,
     detect_encoding,
     is_websocket_upgrade,
@@ -37,6 +39,9 @@ from mailmoat.protocols.http import (
     normalize_response,
     request_fields,
 )
+from mailmoat.secret import Secret
+from mailmoat.session.commands import CheckLogin, Emit
+from mailmoat.session.http import HttpSession, HttpSessionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 H = b"Host: h\r\n"
@@ -1335,6 +1340,134 @@ def test_detect_encoding() -> None:
 
 
 # --------------------------------------------------------------------------
+# The login form's password: sealed, for the distinct-passwords count only
+# --------------------------------------------------------------------------
+
+SOGO = LoginForm(path="/SOGo/connect", user_field="userName", password_field="password")
+
+
+def sealed(result: FormResult, password: bytes) -> None:
+    """``result.password`` is ``password`` as a Secret that nothing prints."""
+    assert isinstance(result.password, Secret)
+    assert result.password.reveal() == password
+    text = password.decode("utf-8", "surrogatepass")
+    for shown in (
+        repr(result),
+        str(result),
+        f"{result}",
+        repr(result.password),
+        str(result.password),
+        f"{result.password}",
+        repr(result.fields),
+    ):
+        assert text not in shown
+    assert "password=Secret(***)" in repr(result)
+    assert "pass" not in "".join(result.fields)
+
+
+@pytest.mark.parametrize("step", [0, 1, 5])
+@pytest.mark.parametrize(
+    ("spec", "content_type", "body", "password"),
+    [
+        (
+            ROUNDCUBE,
+            "application/x-www-form-urlencoded",
+            b"_user=alice&_pass=p%40ss+w0rd%C3%A9&_password=other",
+            "p@ss w0rd\u00e9".encode(),
+        ),
+        (ROUNDCUBE, 'multipart/form-data; boundary="XyZ"', MULTIPART, b"hunter2"),
+        (
+            SOGO,
+            "application/json",
+            json.dumps({"userName": "bob", "password": "h\u00fcnter2", "x": "y"}).encode(),
+            "h\u00fcnter2".encode(),
+        ),
+        # a lone surrogate from JSON: kept apart from other passwords, no exception
+        (SOGO, "application/json", b'{"userName": "bob", "password": "\\udc80"}', b"\xed\xb2\x80"),
+    ],
+    ids=["urlencoded", "multipart", "json", "json-surrogate"],
+)
+def test_password_is_handed_over_sealed(
+    spec: LoginForm, content_type: str, body: bytes, password: bytes, step: int
+) -> None:
+    result = extract(spec, content_type, body, step)
+    assert result.user is not None
+    sealed(result, password)
+
+
+@pytest.mark.parametrize(
+    ("spec", "content_type", "body"),
+    [
+        (ROUNDCUBE, "application/x-www-form-urlencoded", b"_user=alice"),
+        (ROUNDCUBE, "application/x-www-form-urlencoded", b"_user=alice&_pass="),
+        (ROUNDCUBE, "application/x-www-form-urlencoded", b"_user=alice&_pass=a&_pass=b"),
+        (ROUNDCUBE, "application/x-www-form-urlencoded", b"_user=alice&_password=not-it"),
+        (ROUNDCUBE, "application/x-www-form-urlencoded", b"_user=alice&_PASS=not-it"),
+        (ROUNDCUBE, "multipart/form-data; boundary=XyZ", MULTIPART.replace(b"_pass", b"_tok")),
+        (SOGO, "application/json", b'{"userName": "bob", "password": 1234}'),
+        (SOGO, "application/json", b'{"userName": "bob", "password": "a", "password": "b"}'),
+    ],
+    ids=[
+        "missing",
+        "empty",
+        "different-values",
+        "other-field",
+        "other-case",
+        "multipart-missing",
+        "json-not-a-string",
+        "json-repeated",
+    ],
+)
+def test_password_missing_or_ambiguous_is_none(
+    spec: LoginForm, content_type: str, body: bytes
+) -> None:
+    result = extract(spec, content_type, body)
+    assert result.user is not None  # the user is still read
+    assert not result.ambiguous  # ``ambiguous`` is about the user
+    assert result.password is None
+
+
+def test_password_sent_twice_alike_and_unread_bodies() -> None:
+    twice = extract(ROUNDCUBE, "application/x-www-form-urlencoded", b"_pass=s3&_user=a&_pass=s3")
+    sealed(twice, b"s3")
+    # nothing read, nothing sealed: an unknown type, broken JSON, a truncated body
+    body = b"_user=alice&_pass=Hunter-2"
+    assert extract(ROUNDCUBE, "text/plain", body).password is None
+    assert extract(SOGO, "application/json", b'{"userName": "a", "password": "b"').password is None
+    truncated = extract(ROUNDCUBE, "application/x-www-form-urlencoded", body, limit=10)
+    assert truncated.truncated
+    assert truncated.password is None
+
+
+def test_a_webmail_login_hands_the_counters_only_a_fingerprint() -> None:
+    """mailmoat.session.http: the form's password reaches CheckLogin as a
+    fingerprint callable (as IMAP LOGIN's does), and no event or transcript."""
+    session = HttpSession(HttpSessionConfig("web"), "192.0.2.7", 40000, session_id="s-1")
+    line = RequestLine(parse_request(b"POST /?_task=login HTTP/1.1\r\nHost: h\r\n\r\n"))
+    form = extract(ROUNDCUBE, "application/x-www-form-urlencoded", b"_user=alice&_pass=Hunter-2")
+    assert form.user is not None
+    session.note_request(line)
+    session.note_login(line, form.fields, password=form.password)
+    out = session.request(request_fields(line.request, form), login_user=form.user)
+    out += session.login_result(form.user, False, 200)
+    check = next(c for c in out if isinstance(c, CheckLogin))
+    assert check.fingerprint is not None
+    assert check.fingerprint(b"salt") == password_fingerprint(b"salt", b"Hunter-2")
+    assert check.fingerprint(b"pepper") != check.fingerprint(b"salt")
+    assert "Hunter-2" not in repr(check)
+    out += session.login_checked(LoginFacts(failures_user=1, distinct_passwords_user=1))
+    # the password serves its own login only
+    session.note_login(line, {"_user": "alice"})
+    out += session.login_result("alice", False, 200)
+    assert [c.fingerprint is None for c in out if isinstance(c, CheckLogin)] == [False, True]
+    out += session.finish()
+    emitted = [c for c in out if isinstance(c, Emit)]
+    assert "session.transcript" in [e.action for e in emitted]
+    shown = repr(out) + json.dumps([e.fields for e in emitted], default=str)
+    assert "Hunter-2" not in shown
+
+
+# --------------------------------------------------------------------------
 # Login outcome
 # --------------------------------------------------------------------------
 
@@ -1479,3 +1612,4 @@ def test_form_extractor_any_bytes(data: bytes, content_type: str, step: int) -> 
     assert result == extract(ROUNDCUBE, content_type, data, 0, limit=256)
     assert "_pass" not in result.fields
     assert all(SECRET_FIELD_RE.search(name) is None for name in result.fields)
+    assert result.password is None or len(result.password) > 0

@@ -26,6 +26,7 @@ from conftest import MailmoatTLS, RunningNode, StartNode
 from mailmoat.demo.dovecot import DovecotInstance
 from mailmoat.demo.nginx import NginxInstance
 from mailmoat.demo.webapp import WebAppProcess, pattern_bytes, websocket_accept
+from mailmoat.events.journal import EventFilter, Journal
 from nginx_fixtures import NginxFactory
 
 pytestmark = pytest.mark.e2e
@@ -696,6 +697,98 @@ client_identity = "imap-id"
     match = await rn.wait_for("rule.match", rule__id="T-CROSS")
     assert match["session.protocol"] == "imap"
     assert match["verdict.evidence"]["login.failures_ip"] >= 3
+
+
+def form_login(user: str, password: str, encoding: str) -> list[str]:
+    """curl arguments posting a login form in ``encoding``."""
+    if encoding == "urlencoded":
+        return ["-d", f"user={user}&password={password}"]
+    if encoding == "multipart":
+        return ["-F", f"user={user}", "-F", f"password={password}"]
+    body = json.dumps({"user": user, "password": password})
+    return ["-H", "Content-Type: application/json", "-d", body]
+
+
+async def test_webmail_wrong_passwords_are_counted_apart_and_never_kept(
+    nginx: NginxInstance, start_node: StartNode, tmp_path: Path
+) -> None:
+    """Failed webmail logins feed login.distinct_passwords_user as SMTP AUTH and
+    IMAP LOGIN do: a guesser's passwords add up, one stale password retried
+    counts once, whatever the form's encoding; no password is in the events,
+    the event log or the journal."""
+    rules = rule_dir(
+        tmp_path,
+        """
+[[rule]]
+id = "T-HTTP-GUESS"
+name = "webmail password guessing"
+phase = "login"
+protocols = ["http"]
+when = 'auth.result == "failure" && login.distinct_passwords_user >= 3'
+action = "log"
+severity = "high"
+
+[[rule]]
+id = "T-HTTP-STALE"
+name = "one stale password retried"
+phase = "login"
+protocols = ["http"]
+when = 'auth.result == "failure" && login.failures_user >= 3 && login.distinct_passwords_user == 1'
+action = "log"
+""",
+    )
+    log = tmp_path / "events.jsonl"
+    rn = await start_node(
+        http_config(str(nginx.address), rules=rules).replace('events = "none"', f'events = "{log}"')
+    )
+    base = f"http://127.0.0.1:{rn.port('web')}"
+    run = os.urandom(4).hex()
+    stale = f"Stale-{run}"
+    guesses = [f"Guess-{run}-{i}" for i in range(3)]
+    encodings = ("urlencoded", "multipart", "json")
+
+    async def fail(user: str, password: str, encoding: str) -> None:
+        got = await acurl(*form_login(user, password, encoding), f"{base}/login")
+        assert got.returncode == 0, got.stderr
+        assert b"Login failed" in got.stdout, (encoding, got.stdout)
+
+    # one password, three times (once per encoding): the same fingerprint
+    for encoding in encodings:
+        await fail("alice", stale, encoding)
+    match = await rn.wait_for("rule.match", rule__id="T-HTTP-STALE")
+    assert match["session.protocol"] == "http"
+    assert match["verdict.evidence"]["login.distinct_passwords_user"] == 1
+    assert len(rn.events.find("auth.attempt", auth__user="alice", event__outcome="failure")) == 3
+    assert rn.events.find("rule.match", rule__id="T-HTTP-GUESS") == []
+    # as many failures with three passwords: a guesser
+    for password, encoding in zip(guesses, encodings, strict=True):
+        await fail("bob", password, encoding)
+    match = await rn.wait_for("rule.match", rule__id="T-HTTP-GUESS")
+    assert match["session.protocol"] == "http"
+    assert match["verdict.evidence"]["login.distinct_passwords_user"] == 3
+    assert len(rn.events.find("rule.match", rule__id="T-HTTP-GUESS")) == 1
+    assert len(rn.events.find("rule.match", rule__id="T-HTTP-STALE")) == 1
+
+    passwords = [stale, *guesses]
+    events = json.dumps(rn.events.events, default=str)
+    assert events.count('"event.action": "auth.attempt"') == 6
+    assert "session.transcript" in events
+    for password in passwords:
+        assert password not in events
+    # the event log (JSON lines) and the journal (msgpack, uncompressed) on disk
+    journal_dir = tmp_path / "data" / "journal"
+    journal = Journal(journal_dir)
+    with trio.fail_after(10):
+        while (
+            len(list(journal.query(EventFilter(action="auth.attempt")))) < 6
+            or log.read_text().count('"auth.attempt"') < 6
+        ):
+            await trio.sleep(0.1)  # the journal writer flushes a batch at a time
+    stored = log.read_bytes() + b"".join(
+        path.read_bytes() for path in journal_dir.iterdir() if path.is_file()
+    )
+    for password in passwords:
+        assert password.encode() not in stored
 
 
 async def test_drain_closes_idle_keep_alive_connections_at_once(

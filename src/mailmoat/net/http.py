@@ -390,7 +390,7 @@ class _Connection(ConnectionBase):
         self.session.note_request(line)
         if login is not None and login.matches(request):
             form, buffered, body_done = await self._read_login_body(request)
-            self.session.note_login(line, form.fields)
+            self.session.note_login(line, form.fields, password=form.password)
         user = form.user if form is not None else None
         if self.session.wants_request_facts() or form is not None:
             fields = request_fields(request, form)

@@ -80,7 +80,7 @@ class CheckLogin:
 
     ``fingerprint`` turns the node's salt into the password's fingerprint
     (distinct wrong passwords per user); the password itself never leaves
-    the session's SASL observer or LOGIN command.
+    the session's SASL observer, LOGIN command or webmail login form.
     """
 
     user: str

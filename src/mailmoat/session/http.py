@@ -13,9 +13,11 @@ the session at each step, and the session answers with commands
   ``http.*`` facts (and, for the login endpoint, the form's non-secret
   fields and ``auth.user``).  No :class:`Respond` in the answer: forward.
 * :meth:`login_result` / :meth:`login_checked` -- the backend answered a
-  login: ``auth.attempt``, the state store's counters (:class:`CheckLogin`),
-  then the ``login`` phase.  The driver holds the backend's response until
-  then, so a login refused there never hands the client its session cookie.
+  login: ``auth.attempt``, the state store's counters (:class:`CheckLogin`,
+  with the password's salted fingerprint when :meth:`note_login` was given
+  the form's sealed password), then the ``login`` phase.  The driver holds
+  the backend's response until then, so a login refused there never hands
+  the client its session cookie.
 * :meth:`response` -- the ``response`` phase (status, headers).
 * :meth:`finish` -- the close phase.
 
@@ -34,9 +36,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, final
 
-from mailmoat.detect.login import LoginFacts
+from mailmoat.detect.login import LoginFacts, password_fingerprint
 from mailmoat.policy import RuleHolder, Verdict
 from mailmoat.protocols.http import SMUGGLING_REASONS, RequestFields, redact_query
+from mailmoat.secret import Secret
 
 from ._policy import SESSION_PHASES, Judge, PolicySession
 from ._transcript import Redactable, Transcript
@@ -137,6 +140,9 @@ class HttpSession(PolicySession):
         self.refused = 0
         self.logins = 0
         self.login_user: str | None = None
+        #: the password of the login request in flight, sealed; only its salted
+        #: fingerprint leaves the session (:meth:`login_result`)
+        self._password: Secret | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -220,8 +226,14 @@ class HttpSession(PolicySession):
         """The request now being served (its line is only built if it is refused)."""
         self.transcript.command(line)
 
-    def note_login(self, line: Redactable, fields: Mapping[str, str]) -> None:
-        """A login request: into the transcript with its non-secret form fields."""
+    def note_login(
+        self, line: Redactable, fields: Mapping[str, str], *, password: Secret | None = None
+    ) -> None:
+        """A login request: into the transcript with its non-secret form fields.
+
+        ``password`` (``FormResult.password``) is kept, sealed, for this
+        request's :meth:`login_result` only: never written down."""
+        self._password = password
         t = self.transcript
         t.note("c", line.redacted())
         shown = " ".join(f"{k}={v[:64]}" for k, v in list(fields.items())[:12])
@@ -296,6 +308,15 @@ class HttpSession(PolicySession):
     def login_result(self, user: str, success: bool, status: int) -> list[Any]:
         """The backend answered a login request: the event, then the store's counters."""
         self.logins += 1
+        password, self._password = self._password, None
+        fingerprint: Callable[[bytes], str | None] | None
+        if password is None:
+            fingerprint = None
+        else:
+
+            def fingerprint(salt: bytes) -> str | None:
+                return password_fingerprint(salt, password.reveal())
+
         outcome = "success" if success else "failure"
         self.transcript.note("s", f"HTTP/1.1 {status} (login {outcome} for {user[:128]})".encode())
         self.judge.ctx["auth"] = {"user": user, "mechanism": "form", "result": outcome}
@@ -310,7 +331,7 @@ class HttpSession(PolicySession):
                 },
                 outcome=outcome,
             ),
-            CheckLogin(user, success),
+            CheckLogin(user, success, fingerprint),
         ]
 
     def login_checked(

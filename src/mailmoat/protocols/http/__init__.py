@@ -12,7 +12,8 @@ reason code); docs/http.md lists every refusal and forwarding rule.
   ``Forwarded`` / ``X-Forwarded-*`` / ``X-Real-IP``.
 * :func:`request_fields` -- the ``http.*`` rule facts of a request.
 * :class:`LoginForm`, :class:`FormExtractor` -- the user name from a login
-  body (urlencoded, multipart, JSON), never the password.
+  body (urlencoded, multipart, JSON), and the password sealed in a
+  :class:`~mailmoat.secret.Secret` (for its fingerprint only, never shown).
 * :class:`LoginOutcome`, :func:`judge_login` -- was the login accepted?
 """
 

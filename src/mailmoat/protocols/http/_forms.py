@@ -1,4 +1,4 @@
-"""Who is logging in: the user name from a webmail login form, never the password.
+"""Who is logging in: the user name from a webmail login form, and its password sealed.
 
 Contract: a :class:`LoginForm` names the login endpoint and its fields; a
 :class:`FormExtractor` watches one request body go by (the proxy streams the
@@ -15,9 +15,14 @@ top-level object's string members).
   contains ``pass``, ``passwd``, ``password``, ``secret``, ``token`` or
   ``otp`` (any case) are left out of ``fields``; the buffered body is
   dropped by :meth:`~FormExtractor.finish` and never shown by ``repr``.
+  The password field's value is only handed over as a
+  :class:`~mailmoat.secret.Secret` (``FormResult.password``), for the
+  salted fingerprint of the distinct-passwords count
+  (:func:`mailmoat.detect.login.password_fingerprint`).
 * A user field sent more than once with different values (``_user=a&_user=b``:
   PHP reads the last, other stacks the first) gives ``user=None`` and
-  ``ambiguous=True``, so that a rule can refuse it.
+  ``ambiguous=True``, so that a rule can refuse it.  A password field sent
+  with different values gives ``password=None``, as does an empty one.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Final, Literal, final
 import h11
 
 from mailmoat.errors import LocalProtocolError
+from mailmoat.secret import Secret
 
 from ._syntax import normalize_path, split_target
 
@@ -58,9 +64,10 @@ class LoginForm:
 
     ``path`` is compared with the request's path, both normalised by
     :func:`~mailmoat.protocols.http.normalize_path`; ``method`` exactly.
-    ``password_field`` is named so that it can be recognised and left out,
-    never kept.  A request that matches but carries no ``user_field`` is not
-    a login (Roundcube posts every action to ``/``).
+    ``password_field`` is named so that it is left out of the fields and only
+    handed over sealed (:attr:`FormResult.password`).  A request that matches
+    but carries no ``user_field`` is not a login (Roundcube posts every
+    action to ``/``).
     """
 
     path: str
@@ -89,11 +96,14 @@ class LoginForm:
 @final
 @dataclass(frozen=True, slots=True)
 class FormResult:
-    """What a login body said, secrets removed.
+    """What a login body said, secrets removed or sealed.
 
     ``fields`` maps field names to values (first occurrence wins), without
     secret fields; ``encoding`` is ``None`` when the content type is not one
-    we read; ``size`` counts every body octet seen.
+    we read; ``size`` counts every body octet seen.  ``password`` is the
+    password field's value (UTF-8) as a :class:`~mailmoat.secret.Secret`,
+    whose ``repr`` is ``Secret(***)``; ``None`` when absent, empty or sent
+    with different values.
     """
 
     user: str | None
@@ -102,6 +112,7 @@ class FormResult:
     truncated: bool = False
     ambiguous: bool = False
     size: int = 0
+    password: Secret | None = None
 
 
 def _media_type(content_type: bytes | str | None) -> tuple[str, dict[str, str]]:
@@ -289,7 +300,7 @@ class FormExtractor:
         self._body += chunk
 
     def finish(self) -> FormResult:
-        """The end of the body: the user and the non-secret fields."""
+        """The end of the body: the user, the non-secret fields and the sealed password."""
         if self._done:
             raise LocalProtocolError("finish() called twice")
         self._done = True
@@ -307,12 +318,29 @@ class FormExtractor:
         if pairs is None:
             return FormResult(None, {}, self._encoding, False, False, self._size)
         spec = self.spec
-        users = {value for name, value in pairs if name == spec.user_field}
-        ambiguous = len(users) > 1
-        user = users.pop() if len(users) == 1 else None
+        user, ambiguous = _single(pairs, spec.user_field)
+        password, _ = _single(pairs, spec.password_field)
         fields: dict[str, str] = {}
         for name, value in pairs:
             if name == spec.password_field or SECRET_FIELD_RE.search(name):
                 continue
             fields.setdefault(name, value)
-        return FormResult(user or None, fields, self._encoding, False, ambiguous, self._size)
+        return FormResult(
+            user,
+            fields,
+            self._encoding,
+            False,
+            ambiguous,
+            self._size,
+            # surrogatepass: a JSON "\udc80" (a lone surrogate) must not raise
+            password=Secret(password.encode("utf-8", "surrogatepass")) if password else None,
+        )
+
+
+def _single(pairs: list[tuple[str, str]], name: str) -> tuple[str | None, bool]:
+    """The value of field ``name`` if it has one (``None`` if absent or empty),
+    and whether it was sent with different values (then ``None`` too)."""
+    values = {value for field_name, value in pairs if field_name == name}
+    if len(values) > 1:
+        return None, True
+    return (values.pop() or None) if values else None, False
