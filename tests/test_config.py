@@ -391,6 +391,50 @@ def test_http_listener_errors_name_line_and_fix(
     assert all(e.startswith(f"{p}:") for e in errs)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "at"),
+    [
+        ('path = "/"', 'path = "login"', 'path = "login"'),
+        ("success_cookie", "sucess_cookie", "sucess_cookie"),
+        ("success_status = [302]", "success_status = []", "success_status = []"),
+        ('user_field = "_user"\n', "", "[listener.login]"),  # missing: the table's header
+    ],
+)
+def test_http_login_errors_point_at_the_login_line(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS, old: str, new: str, at: str
+) -> None:
+    # the second [[listener]] also has a [listener.login]: the error names the right one
+    text = HTTP + '\n[listener.login]\npath = "/x"\nuser_field = "u"\npassword_field = "p"\n'
+    text = text.replace(old, new, 1)
+    (tmp_path / "deny.html").write_text("<p>no</p>")
+    p = write(tmp_path, text, mailmoat_tls)
+    lines = p.read_text().splitlines()
+    want = next(n for n, line in enumerate(lines, start=1) if line.startswith(at))
+    errs = errors_of(p)
+    assert errs, text
+    assert all(e.startswith(f"{p}:{want}: ") for e in errs), (want, errs)
+
+
+def test_an_inline_login_table_error_points_at_its_line(
+    tmp_path: Path, mailmoat_tls: MailmoatTLS
+) -> None:
+    (tmp_path / "deny.html").write_text("<p>no</p>")
+    text = HTTP.replace(
+        '[listener.login]\npath = "/"\n',
+        'login = { path = "nope", user_field = "u", password_field = "p" }\n',
+    ).replace(
+        'user_field = "_user"\npassword_field = "_pass"\nsuccess_status = [302]\nsuccess_cookie = "roundcube_sessauth"\n',
+        "",
+    )
+    p = write(tmp_path, text, mailmoat_tls)
+    want = next(
+        n for n, line in enumerate(p.read_text().splitlines(), 1) if line.startswith("login =")
+    )
+    (err,) = errors_of(p)
+    assert err.startswith(f"{p}:{want}: "), err
+    assert "must start with '/'" in err
+
+
 def test_http_keys_on_a_mail_listener_are_unknown(
     tmp_path: Path, mailmoat_tls: MailmoatTLS
 ) -> None:

@@ -292,7 +292,8 @@ class _Locator:
                     idx = counts.get(name, -1) + 1
                     counts[name] = idx
                 else:
-                    idx = 0
+                    # [listener.login] belongs to the [[listener]] above it
+                    idx = counts.get(name.rpartition(".")[0], 0)
                 current = (name, idx)
                 self.tables.setdefault(current, lineno)
             elif m := _KEY.match(line):
@@ -555,59 +556,59 @@ def _statuses(
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 for v in value
     ):
-        ctx.error(
-            f"login {key} must be a list of HTTP status codes, e.g. [302, 303]",
-            "listener",
-            i,
-            "login",
+        _login_error(
+            ctx, f"login {key} must be a list of HTTP status codes, e.g. [302, 303]", i, key
         )
         return default
     return tuple(value)
 
 
+def _login_error(ctx: _Ctx, message: str, i: int, key: str | None = None) -> None:
+    """An error of ``[listener.login]``: at its key, or its header, or (an
+    inline table) the listener's ``login =`` line."""
+    line = ctx.loc.line("listener.login", i, key) or ctx.loc.line("listener", i, "login")
+    ctx.errors.append(ConfigError(message, ctx.path, line))
+
+
 def _http_login(ctx: _Ctx, raw: Any, i: int) -> HttpLoginConfig | None:
-    t = "listener"
     if not isinstance(raw, dict):
-        ctx.error(
-            "login must be a table: [listener.login] with path, user_field, password_field",
-            t,
-            i,
-            "login",
+        _login_error(
+            ctx, "login must be a table: [listener.login] with path, user_field, password_field", i
         )
         return None
     for key in raw:
         if key not in _LOGIN_KEYS:
-            ctx.error(
+            _login_error(
+                ctx,
                 f"unknown key {key!r} in [listener.login]; allowed keys: {', '.join(_LOGIN_KEYS)}",
-                t,
                 i,
-                "login",
+                key,
             )
     values: dict[str, str | None] = {}
     for key in ("path", "user_field", "password_field"):
         value = raw.get(key)
         if not isinstance(value, str) or not value:
-            ctx.error(
+            _login_error(
+                ctx,
                 f"[listener.login] needs {key} (e.g. path = '/login', user_field = 'user', "
                 "password_field = 'password')",
-                t,
                 i,
-                "login",
+                key,
             )
             return None
         values[key] = value
     for key in ("method", "success_location", "success_cookie", "failure_location"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value):
-            ctx.error(f"login {key} must be a non-empty string", t, i, "login")
+            _login_error(ctx, f"login {key} must be a non-empty string", i, key)
             value = None
         values[key] = value
     path = str(values["path"])
     if not path.startswith("/"):
-        ctx.error(f"login path {path!r} must start with '/'", t, i, "login")
+        _login_error(ctx, f"login path {path!r} must start with '/'", i, "path")
     success = _statuses(ctx, raw, "success_status", (302, 303), i)
     if not success:
-        ctx.error("login success_status must not be empty", t, i, "login")
+        _login_error(ctx, "login success_status must not be empty", i, "success_status")
         success = (302, 303)
     return HttpLoginConfig(
         path=path,
