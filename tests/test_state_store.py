@@ -26,9 +26,11 @@ import trio
 
 from mailmoat.demo.postfix import find_free_port
 from mailmoat.state import (
+    Ban,
     Count,
     Distinct,
     DistinctPeek,
+    GetBan,
     GetProfile,
     MemoryStore,
     Op,
@@ -230,6 +232,23 @@ async def test_bans_ttl_and_ipv4_mapped_addresses(env: Env) -> None:
     await env.elapse(0.45)
     assert await store.banned("2001:db8::1") is None
     assert [b.ip for b in await store.bans()] == ["198.51.100.7"]
+
+
+async def test_a_ban_read_as_an_operation_shares_the_round_trip(env: Env) -> None:
+    # GetBan: the connect-time ban check in the same run() as the reputation counts
+    store = env.store
+    await store.ban("::ffff:198.51.100.8", 60, "test", "MM-Y")
+    ban, count, none = await store.run(
+        [GetBan("198.51.100.8"), Count("rep", 60), GetBan("2001:db8::9")]
+    )
+    assert isinstance(ban, Ban)
+    assert (ban.ip, ban.reason, ban.rule_id) == ("198.51.100.8", "test", "MM-Y")
+    assert store.remaining(ban) == pytest.approx(60, abs=0.5)
+    assert (count, none) == (1, None)
+    await store.ban("2001:db8::9", 0.3, "short")
+    assert isinstance((await store.run([GetBan("2001:0db8::0009")]))[0], Ban)
+    await env.elapse(0.45)
+    assert await store.run([GetBan("2001:db8::9")]) == [None]
 
 
 async def test_longer_ban_wins_unban_and_listing(env: Env) -> None:

@@ -28,7 +28,7 @@ from mailmoat.events import Emitter, new_session_id, reasons, wall_clock
 from mailmoat.policy import RuleHolder
 from mailmoat.protocols.tls import HelloError, fingerprint, parse_client_hello
 from mailmoat.session.commands import BanClient, CheckLogin, ClientHelloFacts, Emit
-from mailmoat.state import GetProfile, PutProfile, Store, StoreUnavailable
+from mailmoat.state import GetBan, GetProfile, Op, PutProfile, Store, StoreUnavailable
 
 from .tls import CertStore, TlsError, TlsStream
 from .upstream import BackendPool
@@ -201,13 +201,18 @@ class ConnectionBase:
         banned, reputation = False, 0
         if store is not None:
             try:
-                ban = await store.banned(self.ip)
+                # the ban and the reputation in one round trip to a shared store
+                rep = service.reputation if service.detector is not None else None
+                ops: list[Op] = [GetBan(self.ip)]
+                if rep is not None:
+                    ops += rep.ops_for(self.ip)
+                results = await store.run(ops)
+                ban = results[0]
                 banned = ban is not None
                 if ban is not None:
                     self.ban_remaining = store.remaining(ban)
-                if service.detector is not None:
-                    rep = service.reputation
-                    reputation = rep.score(self.ip, await store.run(rep.ops_for(self.ip)))
+                if rep is not None:
+                    reputation = rep.score(self.ip, results[1:])
             except StoreUnavailable as exc:
                 self.store_alert(exc)
         self.geo = geoip_lookup(self.ip)

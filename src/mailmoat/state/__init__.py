@@ -14,6 +14,7 @@ from ._ops import Ban as Ban
 from ._ops import Count as Count
 from ._ops import Distinct as Distinct
 from ._ops import DistinctPeek as DistinctPeek
+from ._ops import GetBan as GetBan
 from ._ops import GetProfile as GetProfile
 from ._ops import Op as Op
 from ._ops import Peek as Peek
@@ -30,6 +31,7 @@ __all__ = [
     "Distinct",
     "DistinctPeek",
     "FailoverStore",
+    "GetBan",
     "GetProfile",
     "MemoryStore",
     "Op",

@@ -24,6 +24,7 @@ from ._ops import (
     Count,
     Distinct,
     DistinctPeek,
+    GetBan,
     GetProfile,
     Op,
     Peek,
@@ -182,6 +183,9 @@ class MemoryStore:
                 self._touch("p", key, lambda: (0.0, {}))
                 self._keys[("p", key)] = (now + ttl, dict(profile))
                 return None
+            case GetBan(ip):
+                ban = self._bans.get(normalize_ip(ip))
+                return ban if ban is not None and ban.until > now else None
             case _ as unreachable:  # pragma: no cover - Op is closed
                 raise TypeError(f"unknown state operation {unreachable!r}")
 

@@ -86,7 +86,17 @@ class PutProfile:
     ttl: float = 90 * 86400.0
 
 
-Op = Count | Peek | Distinct | DistinctPeek | GetProfile | PutProfile
+@final
+@dataclass(frozen=True, slots=True)
+class GetBan:
+    """The ban of ``ip`` (:meth:`Store.banned` as an operation, so that a
+    connection's ban check and its reputation share one round trip); result:
+    the :class:`Ban`, or ``None``."""
+
+    ip: str
+
+
+Op = Count | Peek | Distinct | DistinctPeek | GetProfile | PutProfile | GetBan
 
 
 @final

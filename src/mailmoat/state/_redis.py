@@ -47,6 +47,7 @@ from ._ops import (
     Count,
     Distinct,
     DistinctPeek,
+    GetBan,
     GetProfile,
     Op,
     Peek,
@@ -331,10 +332,11 @@ class RedisStore:
             async with self._client.pipeline(transaction=False) as pipe:
                 for op in ops:
                     replies.append(self._queue(pipe, op, now))
-            return [await reply if reply is not None else None for reply in replies]
+            return [await _awaited(reply) for reply in replies]
 
         raw = await self._call(send)
-        return [_result(op, reply) for op, reply in zip(ops, raw, strict=True)]
+        now = self._clock()
+        return [_result(op, reply, now) for op, reply in zip(ops, raw, strict=True)]
 
     def _queue(self, pipe: Any, op: Op, now: float) -> Any:
         """Queue the commands of ``op``; the request whose reply is its result."""
@@ -359,6 +361,9 @@ class RedisStore:
                 text = json.dumps(dict(profile), separators=(",", ":"), sort_keys=True)
                 pipe.set(f"{self.prefix}p:{key}", text, px=_ms(ttl))
                 return None
+            case GetBan(ip):
+                key = self._ban_key(normalize_ip(ip))
+                return (pipe.get(key), pipe.pttl(key))
             case _ as unreachable:  # pragma: no cover - Op is closed
                 raise TypeError(f"unknown state operation {unreachable!r}")
 
@@ -423,7 +428,16 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-def _result(op: Op, reply: Any) -> Any:
+async def _awaited(reply: Any) -> Any:
+    """A queued request's reply: ``None``, one awaitable, or a tuple of them."""
+    if reply is None:
+        return None
+    if isinstance(reply, tuple):
+        return tuple([await part for part in reply])
+    return await reply
+
+
+def _result(op: Op, reply: Any, now: float) -> Any:
     match op:
         case Count() | Peek():
             return sum(int(v) for v in reply if v is not None)
@@ -437,6 +451,9 @@ def _result(op: Op, reply: Any) -> Any:
             except ValueError:
                 return None
             return profile if isinstance(profile, dict) else None
+        case GetBan(ip):
+            value, ttl = reply
+            return _ban(normalize_ip(ip), value, int(ttl), now)
         case _:
             return None
 
