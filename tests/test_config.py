@@ -423,7 +423,8 @@ def test_an_inline_login_table_error_points_at_its_line(
         '[listener.login]\npath = "/"\n',
         'login = { path = "nope", user_field = "u", password_field = "p" }\n',
     ).replace(
-        'user_field = "_user"\npassword_field = "_pass"\nsuccess_status = [302]\nsuccess_cookie = "roundcube_sessauth"\n',
+        'user_field = "_user"\npassword_field = "_pass"\n'
+        'success_status = [302]\nsuccess_cookie = "roundcube_sessauth"\n',
         "",
     )
     p = write(tmp_path, text, mailmoat_tls)
