@@ -32,13 +32,16 @@ MGET / PFCOUNT over them work on a cluster too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final, final
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import trio
 
 from ._memory import normalize_ip
 from ._ops import (
@@ -54,6 +57,7 @@ from ._ops import (
     PutProfile,
     StoreUnavailable,
 )
+from ._resp import RespError, RespPool, RespProtocolError
 
 __all__ = ["RedisStore", "StoreUnavailable", "redis_client"]
 
@@ -69,14 +73,19 @@ def _failures() -> tuple[type[BaseException], ...]:
 
     return (
         RedisError,
+        RespError,
+        RespProtocolError,
         OSError,  # refused, reset, TimeoutError (ours: anyio.fail_after; coredis's stream timeout)
         anyio.BrokenResourceError,
         anyio.ClosedResourceError,
         anyio.EndOfStream,
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
     )
 
 
 # Longer ban wins, atomically: keep the key when its TTL is already at least ours.
+# (_BAN_SHA, its SHA1 for EVALSHA, follows the script.)
 _BAN_SCRIPT: Final = """
 local ttl = redis.call('PTTL', KEYS[1])
 local want = tonumber(ARGV[2])
@@ -86,6 +95,8 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', want)
 return {ARGV[1], want}
 """
+
+_BAN_SHA: Final = hashlib.sha1(_BAN_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 _SSL_OPTIONS: Final = (
     "ssl_keyfile",
@@ -200,6 +211,89 @@ async def redis_client(url: str, *, timeout: float = 0.5) -> AsyncIterator[Any]:
         yield client
 
 
+def lean_pool(url: str) -> RespPool | None:
+    """mailmoat's own pipeline client for a plain single server (``redis://``
+    without options but ``db``, or ``unix://``); ``None``: coredis's turn."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items() if v}
+    if scheme not in ("redis", "unix") or set(query) - {"db"}:
+        return None
+    try:
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        if scheme == "unix":
+            db = int(query.get("db", "0"))
+            return RespPool(path=unquote(parts.path), username=user, password=password, db=db)
+        path = parts.path.strip("/")
+        db = int(path or query.get("db", "0"))
+        host = parts.hostname or "127.0.0.1"
+        return RespPool(host=host, port=parts.port or 6379, username=user, password=password, db=db)
+    except ValueError:
+        return None  # coredis explains what is wrong with it
+
+
+@final
+class _Reply:
+    """A queued command's reply, awaitable like coredis's (a Redis error raises)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        yield from ()
+        if isinstance(self.value, RespError):
+            raise self.value
+        return self.value
+
+
+@final
+class _LeanPipe:
+    """The pipeline methods the store uses, queued for :class:`RespPool`."""
+
+    __slots__ = ("commands", "replies")
+
+    def __init__(self) -> None:
+        self.commands: list[list[Any]] = []
+        self.replies: list[_Reply] = []
+
+    def _queue(self, *args: Any) -> _Reply:
+        reply = _Reply()
+        self.commands.append(list(args))
+        self.replies.append(reply)
+        return reply
+
+    def incrby(self, key: str, amount: int) -> _Reply:
+        return self._queue("INCRBY", key, amount)
+
+    def pexpire(self, key: str, ms: int) -> _Reply:
+        return self._queue("PEXPIRE", key, ms)
+
+    def mget(self, keys: Sequence[str]) -> _Reply:
+        return self._queue("MGET", *keys)
+
+    def pfadd(self, key: str, member: str) -> _Reply:
+        return self._queue("PFADD", key, member)
+
+    def pfcount(self, keys: Sequence[str]) -> _Reply:
+        return self._queue("PFCOUNT", *keys)
+
+    def get(self, key: str) -> _Reply:
+        return self._queue("GET", key)
+
+    def pttl(self, key: str) -> _Reply:
+        return self._queue("PTTL", key)
+
+    def set(self, key: str, value: str, *, px: int) -> _Reply:
+        return self._queue("SET", key, value, "PX", px)
+
+    async def execute(self, pool: RespPool) -> None:
+        for reply, value in zip(self.replies, await pool.execute(self.commands), strict=True):
+            reply.value = value
+
+
 def _close_buffers_on_exit(pool: Any) -> None:
     """Make the pool's connections close their in-memory buffers when they end.
 
@@ -240,6 +334,8 @@ class RedisStore:
         clock: Callable[[], float] = _wall_clock,
     ) -> None:
         self._client = client
+        #: mailmoat's own client (a plain server), or ``None``: coredis
+        self._lean: RespPool | None = client if isinstance(client, RespPool) else None
         self.prefix = prefix
         self.timeout = timeout
         self._clock = clock
@@ -247,7 +343,7 @@ class RedisStore:
         self.healthy = True
         #: the last failure, for alerts
         self.last_error: str = ""
-        self._ban_script = client.register_script(_BAN_SCRIPT)
+        self._ban_script = None if self._lean else client.register_script(_BAN_SCRIPT)
 
     @classmethod
     @asynccontextmanager
@@ -266,6 +362,13 @@ class RedisStore:
         back).  A cluster store reads the cluster layout on entry; failing that
         raises :class:`StoreUnavailable`.
         """
+        lean = lean_pool(url)
+        if lean is not None:
+            try:
+                yield cls(lean, prefix=prefix, timeout=timeout, clock=clock)
+            finally:
+                await lean.aclose()
+            return
         entered = False
         mine: BaseException | None = None  # raised by the caller's block
         sole: BaseException | None = None
@@ -304,8 +407,9 @@ class RedisStore:
         except _failures() as exc:
             self.healthy = False
             self.last_error = _describe(exc)
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) and self._lean is None:
                 # a reply may still be on its way: start over on fresh connections
+                # (the lean pool closed the connection the timeout cut short)
                 self._client.connection_pool.disconnect()
             raise StoreUnavailable(f"redis: {self.last_error}") from exc
         self.healthy = True
@@ -327,16 +431,22 @@ class RedisStore:
             return []
         now = self._clock()
 
-        async def send() -> list[Any]:
-            replies: list[Any] = []
-            async with self._client.pipeline(transaction=False) as pipe:
-                for op in ops:
-                    replies.append(self._queue(pipe, op, now))
-            return [await _awaited(reply) for reply in replies]
-
-        raw = await self._call(send)
+        raw = await self._call(
+            lambda: self._batch(lambda pipe: [self._queue(pipe, op, now) for op in ops])
+        )
         now = self._clock()
         return [_result(op, reply, now) for op, reply in zip(ops, raw, strict=True)]
+
+    async def _batch(self, fill: Callable[[Any], list[Any]]) -> list[Any]:
+        """The commands ``fill(pipe)`` queues, sent in one round trip; its replies awaited."""
+        if self._lean is not None:
+            lean = _LeanPipe()
+            replies = fill(lean)
+            await lean.execute(self._lean)
+        else:
+            async with self._client.pipeline(transaction=False) as pipe:
+                replies = fill(pipe)
+        return [await _awaited(reply) for reply in replies]
 
     def _queue(self, pipe: Any, op: Op, now: float) -> Any:
         """Queue the commands of ``op``; the request whose reply is its result."""
@@ -372,13 +482,23 @@ class RedisStore:
     async def ban(self, ip: str, seconds: float, reason: str, rule_id: str | None = None) -> Ban:
         key = normalize_ip(ip)
         value = json.dumps({"reason": reason, "rule_id": rule_id}, separators=(",", ":"))
-        reply = await self._call(
-            lambda: self._ban_script(keys=[self._ban_key(key)], args=[value, _ms(seconds)])
-        )
+        reply = await self._call(lambda: self._run_ban_script(self._ban_key(key), value, seconds))
         stored, ttl = reply[0], int(reply[1])
         return _ban(key, stored, ttl, self._clock()) or Ban(
             key, self._clock() + seconds, reason, rule_id
         )
+
+    async def _run_ban_script(self, key: str, value: str, seconds: float) -> Any:
+        if self._lean is None:
+            assert self._ban_script is not None
+            return await self._ban_script(keys=[key], args=[value, _ms(seconds)])
+        args: list[str | int] = [1, key, value, _ms(seconds)]
+        (reply,) = await self._lean.execute([["EVALSHA", _BAN_SHA, *args]])
+        if isinstance(reply, RespError) and reply.kind == "NOSCRIPT":
+            (reply,) = await self._lean.execute([["EVAL", _BAN_SCRIPT, *args]])
+        if isinstance(reply, RespError):
+            raise reply
+        return reply
 
     async def banned(self, ip: str) -> Ban | None:
         key = normalize_ip(ip)
@@ -387,13 +507,25 @@ class RedisStore:
 
     async def unban(self, ip: str) -> bool:
         key = self._ban_key(normalize_ip(ip))
+        if self._lean is not None:
+            lean = self._lean
+            return int(await self._call(lambda: _one(lean, ["DEL", key]))) > 0
         return int(await self._call(lambda: self._client.delete([key]))) > 0
 
     async def bans(self) -> list[Ban]:
         pattern = _glob_escape(f"{self.prefix}ban:") + "*"
 
         async def scan() -> list[str]:
-            return [key async for key in self._client.scan_iter(match=pattern, count=1000)]
+            if self._lean is None:
+                return [key async for key in self._client.scan_iter(match=pattern, count=1000)]
+            found: list[str] = []
+            cursor = "0"
+            while True:
+                reply = await _one(self._lean, ["SCAN", cursor, "MATCH", pattern, "COUNT", 1000])
+                cursor, keys = reply[0], reply[1]
+                found.extend(keys)
+                if cursor == "0":
+                    return found
 
         keys = await self._call(scan)
         start = len(self.prefix) + len("ban:")
@@ -404,15 +536,10 @@ class RedisStore:
         return sorted(found, key=lambda b: b.until)
 
     async def _bans_of(self, ips: list[str]) -> list[Ban]:
-        async def fetch() -> list[tuple[Any, Any]]:
-            pairs = []
-            async with self._client.pipeline(transaction=False) as pipe:
-                for ip in ips:
-                    key = self._ban_key(ip)
-                    pairs.append((pipe.get(key), pipe.pttl(key)))
-            return [(await value, await ttl) for value, ttl in pairs]
+        def fill(pipe: Any) -> list[Any]:
+            return [(pipe.get(k), pipe.pttl(k)) for k in map(self._ban_key, ips)]
 
-        replies = await self._call(fetch)
+        replies = await self._call(lambda: self._batch(fill))
         now = self._clock()
         found = [_ban(ip, v, int(ttl), now) for ip, (v, ttl) in zip(ips, replies, strict=True)]
         return [b for b in found if b is not None]
@@ -426,6 +553,13 @@ class RedisStore:
 
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
+
+
+async def _one(pool: RespPool, command: list[Any]) -> Any:
+    (reply,) = await pool.execute([command])
+    if isinstance(reply, RespError):
+        raise reply
+    return reply
 
 
 async def _awaited(reply: Any) -> Any:
