@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from mailmoat.state import normalize_ip
+from mailmoat.state.ops import normalize_ip
 
 
 def prefix_of(ip: str, v6_prefix: int = 64, v4_prefix: int = 32) -> str:

@@ -28,7 +28,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Final, final
 
-from mailmoat.state import Count, Distinct, DistinctPeek, Op, Peek, Store, normalize_ip
+from mailmoat.state.ops import Count, Distinct, DistinctPeek, Op, Peek, Store, normalize_ip
 
 from ._net import prefix_of
 from .tls import DOWNGRADE_MIN_LOGINS, INBOUND_WINDOW, SHARED_JA4_USERS

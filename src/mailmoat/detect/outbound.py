@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, final
 
-from mailmoat.state import Count, Distinct, GetProfile, Op, PutProfile
+from mailmoat.state.ops import Count, Distinct, GetProfile, Op, PutProfile
 
 DEFAULT_WINDOW: Final = 3600.0
 

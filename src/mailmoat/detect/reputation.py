@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final, Literal, final
 
-from mailmoat.state import Count, Op, Peek, normalize_ip
+from mailmoat.state.ops import Count, Op, Peek, normalize_ip
 
 from .login import prefix_of
 

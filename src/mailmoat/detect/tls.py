@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, final
 
-from mailmoat.state import Count, Distinct, DistinctPeek, Op, Peek
+from mailmoat.state.ops import Count, Distinct, DistinctPeek, Op, Peek
 
 from ._net import prefix_of
 

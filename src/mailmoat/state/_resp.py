@@ -18,8 +18,9 @@ Contract:
   meanwhile (a restart) is noticed before it is used and replaced.  One whose exchange did not end
   cleanly (cancelled, timed out, failed, a malformed reply) is closed, never
   reused: a late reply can never be read as the answer to the next batch.
-* Failures to reach or talk to Redis raise :class:`OSError`,
-  :class:`trio.BrokenResourceError` or :class:`RespProtocolError`.
+* Failures to reach or talk to Redis raise :class:`OSError` (a lost
+  connection is a :class:`ConnectionError`, never a trio exception: the
+  store that catches them may not import trio) or :class:`RespProtocolError`.
 * Bulk strings are decoded as UTF-8 (invalid bytes replaced): the store keeps
   only text it wrote itself.
 """
@@ -32,6 +33,8 @@ from typing import Any, Final, final
 
 import trio
 
+from ._wire import RespError, RespProtocolError, encode_command, parse_reply
+
 __all__ = ["RespError", "RespPool", "RespProtocolError", "encode_command"]
 
 #: idle connections kept for the next batch
@@ -39,79 +42,6 @@ DEFAULT_MAX_IDLE: Final = 16
 #: connections open at once; a batch beyond waits for one to come back
 DEFAULT_MAX_CONNECTIONS: Final = 64
 _RECEIVE: Final = 65536
-_CRLF: Final = b"\r\n"
-
-
-@final
-class RespError(Exception):
-    """A Redis error reply (``-ERR ...``, ``-NOSCRIPT ...``), as a value."""
-
-    @property
-    def kind(self) -> str:
-        """The error's first word: ``ERR``, ``NOSCRIPT``, ``WRONGTYPE``, ..."""
-        return str(self).split(" ", 1)[0]
-
-
-@final
-class RespProtocolError(Exception):
-    """The server's bytes are not RESP2, or it closed in the middle of a reply."""
-
-
-def encode_command(args: Sequence[bytes | str | int | float]) -> bytes:
-    """``*N`` then each argument as a bulk string."""
-    out = bytearray(b"*%d\r\n" % len(args))
-    for value in args:
-        if isinstance(value, str):
-            data = value.encode("utf-8")
-        elif isinstance(value, bytes):
-            data = value
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            data = str(value).encode("ascii")
-        else:
-            raise TypeError(f"not a Redis argument: {value!r}")
-        out += b"$%d\r\n%b\r\n" % (len(data), data)
-    return bytes(out)
-
-
-def _parse(buf: bytearray, pos: int) -> tuple[Any, int] | None:
-    """One reply from ``buf[pos:]``: (value, position after it), or ``None`` if incomplete."""
-    end = buf.find(_CRLF, pos)
-    if end < 0:
-        return None
-    kind = buf[pos]
-    line = bytes(buf[pos + 1 : end])
-    after = end + 2
-    if kind == 0x2B:  # + simple string
-        return line.decode("utf-8", "replace"), after
-    if kind == 0x2D:  # - error
-        return RespError(line.decode("utf-8", "replace")), after
-    try:
-        number = int(line)
-    except ValueError:
-        raise RespProtocolError(f"not a RESP2 reply: {bytes(buf[pos : end + 2])[:80]!r}") from None
-    if kind == 0x3A:  # : integer
-        return number, after
-    if kind == 0x24:  # $ bulk string
-        if number < 0:
-            return None, after
-        stop = after + number
-        if len(buf) < stop + 2:
-            return None
-        if buf[stop : stop + 2] != _CRLF:
-            raise RespProtocolError("a bulk string does not end in CRLF")
-        return bytes(buf[after:stop]).decode("utf-8", "replace"), stop + 2
-    if kind == 0x2A:  # * array
-        if number < 0:
-            return None, after
-        items: list[Any] = []
-        for _ in range(number):
-            found = _parse(buf, after)
-            if found is None:
-                return None
-            item, after = found
-            items.append(item)
-        return items, after
-    raise RespProtocolError(f"not a RESP2 reply type: {bytes([kind])!r}")
 
 
 @final
@@ -128,7 +58,7 @@ class _Connection:
         buf = self.buffer
         pos = 0
         while len(replies) < count:
-            found = _parse(buf, pos) if pos < len(buf) else None
+            found = parse_reply(buf, pos) if pos < len(buf) else None
             if found is None:
                 data = await self.stream.receive_some(_RECEIVE)
                 if not data:
@@ -150,6 +80,9 @@ class RespPool:
     ``host``/``port`` for TCP, or ``path`` for a Unix socket; ``username`` /
     ``password`` for AUTH, ``db`` for SELECT, sent once per new connection.
     """
+
+    #: what ``RedisStore`` looks for (it may not import this trio module)
+    lean = True
 
     def __init__(
         self,
@@ -223,15 +156,17 @@ class RespPool:
         if not commands:
             return []
         if self._closed:
-            raise trio.ClosedResourceError("the Redis pool is closed")
+            raise ConnectionError("the Redis pool is closed")
         payload = b"".join(encode_command(c) for c in commands)
         async with self._slots:
             conn = self._reusable() or await self._open()
             try:
                 replies = await conn.exchange(payload, len(commands))
-            except BaseException:
+            except BaseException as exc:
                 # cancelled, timed out or failed half-way: its stream is out of step
                 await trio.aclose_forcefully(conn.stream)
+                if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+                    raise ConnectionError(f"connection to Redis lost: {exc}") from exc
                 raise
             if self._closed or len(self._idle) >= self._max_idle:
                 await trio.aclose_forcefully(conn.stream)
