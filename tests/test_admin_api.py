@@ -521,6 +521,196 @@ async def test_allow_needs_a_file_backed_cidr_list(
     assert "'trusted_networks' is not loaded" in err
 
 
+async def test_allow_list_is_listed_with_comments_and_covering_entries(
+    postfix: PostfixInstance, start_node: StartNode, rules_dir: Path, tmp_path: Path
+) -> None:
+    rn = await start(start_node, postfix)
+    list_file = rules_dir / "lists" / "trusted_networks.txt"
+    shipped = list_file.read_text()
+    where = {"list": "trusted_networks", "file": str(list_file)}
+
+    # the shipped list: every line a comment, so no entry
+    status, body = await api(rn, "GET", "/api/allow")
+    assert status == 200, body
+    assert body == {
+        "lists": [{**where, "count": 0, "invalid": 0}],
+        "entries": [],
+        "count": 0,
+        "invalid": [],
+    }
+
+    for kind, value, comment in [
+        ("ip", "192.0.2.7", "relay, ticket #1"),
+        ("cidr", "198.51.100.0/24", "partner <b>net</b>"),
+        ("ip", "2001:db8::25", ""),
+    ]:
+        status, body = await api(
+            rn, "POST", "/api/allow", {"kind": kind, "value": value, "comment": comment}
+        )
+        assert (status, body["added"]) == (200, True), body
+    status, body = await api(rn, "GET", "/api/allow")
+    assert status == 200
+    assert body["count"] == 3
+    assert body["lists"] == [{**where, "count": 3, "invalid": 0}]
+    first, second, third = body["entries"]
+    assert first["added_at"].endswith("Z")
+    assert first == {
+        "entry": "192.0.2.7",
+        "kind": "ip",
+        "line": len(shipped.splitlines()) + 1,
+        "comment": "relay, ticket #1",
+        "added_by": "127.0.0.1",
+        "added_at": first["added_at"],
+        "active": True,
+        **where,
+    }
+    assert (second["entry"], second["kind"], second["comment"]) == (
+        "198.51.100.0/24",
+        "cidr",
+        "partner <b>net</b>",
+    )
+    assert (third["entry"], third["comment"], third["added_by"]) == (
+        "2001:db8::25",
+        None,
+        "127.0.0.1",
+    )
+
+    # ?ip=: the entries covering one address, exact or a network holding it
+    status, body = await api(rn, "GET", "/api/allow?ip=198.51.100.9")
+    assert status == 200
+    assert body["ip"] == "198.51.100.9"
+    [covering] = body["entries"]
+    assert (covering["entry"], covering["exact"], covering["comment"]) == (
+        "198.51.100.0/24",
+        False,
+        "partner <b>net</b>",
+    )
+    status, body = await api(rn, "GET", "/api/allow?ip=%3A%3Affff%3A192.0.2.7")  # ::ffff:192.0.2.7
+    assert (status, body["ip"]) == (200, "192.0.2.7")
+    assert [(e["entry"], e["exact"]) for e in body["entries"]] == [("192.0.2.7", True)]
+    status, body = await api(rn, "GET", "/api/allow?ip=2001:db8::25&list=trusted_networks")
+    assert [(e["entry"], e["exact"]) for e in body["entries"]] == [("2001:db8::25", True)]
+    status, body = await api(rn, "GET", "/api/allow?ip=203.0.113.1")
+    assert (status, body["entries"], body["count"]) == (200, [], 0)
+
+    # a hand edit not reloaded yet: listed but not in force; a line that is no entry is
+    # reported with its line number, not fatal
+    before = list_file.read_text()
+    list_file.write_text(
+        before + "203.0.113.0/24   # the office (by hand)\nnot-an-address  # oops\n10.0.0.1/8\n"
+    )
+    n = len(before.splitlines())
+    status, body = await api(rn, "GET", "/api/allow?ip=203.0.113.5")
+    assert status == 200, body
+    [hand] = body["entries"]
+    assert hand["entry"] == "203.0.113.0/24"
+    assert (hand["comment"], hand["added_by"], hand["added_at"]) == (
+        "the office (by hand)",
+        None,
+        None,
+    )
+    assert (hand["active"], hand["line"]) == (False, n + 1)
+    assert [(b["line"], b["text"]) for b in body["invalid"]] == [
+        (n + 2, "not-an-address  # oops"),
+        (n + 3, "10.0.0.1/8"),
+    ]
+    assert "not an IP network" in body["invalid"][0]["error"]
+    assert "host bits set" in body["invalid"][1]["error"]
+    assert body["invalid"][0]["list"] == "trusted_networks"
+    assert body["lists"] == [{**where, "count": 4, "invalid": 2}]
+
+    # the command: a table, --ip, --json, and the lines that are not entries on stderr
+    config = str(cli_config(rn, tmp_path))
+    code, out, err = await cli("allow", "-c", config, "--list")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"trusted_networks ({list_file}): 4 entries"
+    assert lines[1].split() == ["ENTRY", "IN", "FORCE", "ADDED", "BY", "ADDED", "AT", "COMMENT"]
+    assert lines[2].startswith("192.0.2.7 ")
+    assert lines[2].split()[1:3] == ["yes", "127.0.0.1"]
+    assert lines[2].endswith("  relay, ticket #1")
+    assert lines[5].split() == ["203.0.113.0/24", "no", "-", "-", "the", "office", "(by", "hand)"]
+    assert "in the file but not in the rules in force" in out
+    assert f"{list_file}:{n + 2}: not an entry, not an IP network: 'not-an-address'" in err
+    assert f"{list_file}:{n + 3}: not an entry, '10.0.0.1/8' has host bits set" in err
+    list_file.write_text(before)
+
+    code, out, err = await cli("allow", "-c", config, "--list", "--ip", "198.51.100.200")
+    assert code == 0, err
+    assert out.splitlines()[0] == f"trusted_networks ({list_file}): 1 entry covers 198.51.100.200"
+    assert out.splitlines()[2].startswith("198.51.100.0/24 ")
+    assert err == ""
+    code, out, _ = await cli(
+        "allow", "-c", config, "--list", "trusted_networks", "--ip", "203.0.113.1", "--json"
+    )
+    assert code == 0
+    answer = json.loads(out)
+    assert (answer["ip"], answer["entries"], answer["lists"][0]["count"]) == ("203.0.113.1", [], 3)
+    code, out, _ = await cli("allow", "-c", config, "--list", "--ip", "203.0.113.1")
+    assert (code, out) == (0, f"trusted_networks ({list_file}): no entry covers 203.0.113.1\n")
+    code, out, err = await cli("allow", "-c", config, "--list", "--ip", "nope")
+    assert (code, out) == (2, "")
+    assert "ip: not an IP address: 'nope'" in err
+    code, out, err = await cli("allow", "-c", config, "--list", "nope")
+    assert (code, out) == (1, "")
+    assert "'nope' is not loaded" in err
+    code, out, err = await cli("allow", "-c", config, "--list", "10.0.0.0/8")
+    assert (code, out) == (2, "")
+    assert "--list takes a list name, not an address" in err
+    for args in (["--ip", "192.0.2.7"], ["192.0.2.7", "--json"], ["192.0.2.7", "--list"], []):
+        code, out, err = await cli("allow", "-c", config, *args)
+        assert (code, out) == (2, ""), args
+        assert err.startswith("mailmoat: allow: "), args
+
+    # taken out: no longer listed
+    status, body = await api(
+        rn, "POST", "/api/allow/remove", {"kind": "cidr", "value": "198.51.100.0/24"}
+    )
+    assert (status, body["removed"]) == (200, True), body
+    status, body = await api(rn, "GET", "/api/allow?ip=198.51.100.9")
+    assert (status, body["entries"]) == (200, [])
+    status, body = await api(rn, "GET", "/api/allow")
+    assert [e["entry"] for e in body["entries"]] == ["192.0.2.7", "2001:db8::25"]
+
+    # bad parameters are named; a list that is not there is a conflict
+    for query, name in [
+        ("ip=nope", "ip"),
+        ("ip=10.0.0.0/8", "ip"),
+        ("ip=", "ip"),
+        ("ip=192.0.2.7&ip=192.0.2.8", "ip"),
+        ("list=", "list"),
+        ("address=192.0.2.7", "address"),
+    ]:
+        status, body = await api(rn, "GET", f"/api/allow?{query}")
+        assert (status, body["parameter"]) == (400, name), query
+        assert body["error"].startswith(f"{name}: "), body
+    status, body = await api(rn, "GET", "/api/allow?list=nope")
+    assert status == 409
+    assert "'nope' is not loaded" in body["error"]
+
+    # the token, as everywhere
+    assert rn.node.admin_address is not None
+    host, port = rn.node.admin_address
+
+    def no_token() -> int:
+        import http.client
+
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            conn.request("GET", "/api/allow?ip=192.0.2.7")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert await trio.to_thread.run_sync(no_token) == 401
+    failure = await rn.wait_for("admin.auth_failure", event__reason="missing token")
+    assert (failure["url.path"], failure["http.request.method"]) == ("/api/allow", "GET")
+    status, _ = await api(rn, "GET", "/api/allow", token="wrong-" + "0" * 30)
+    assert status == 401
+    failure = await rn.wait_for("admin.auth_failure", event__reason="wrong token")
+    assert failure["url.path"] == "/api/allow"
+
+
 # --------------------------------------------------------------------------- metrics
 
 

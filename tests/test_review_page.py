@@ -62,6 +62,8 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = os.environ.get("MAILMOAT_SCREENSHOTS") == "1"
 XSS_USER = "<img src=x onerror=window.__xss=1>"
 XSS_LINE = "<script>window.__xss=2</script>"
+XSS_COMMENT = "<img src=x onerror=window.__xss=3> & co"
+NOT_LISTED = "127.0.0.1 is not on the allow list (trusted_networks)."
 #: a reference to anything not served by the node itself
 EXTERNAL = r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/|@import|url\("
 
@@ -666,6 +668,7 @@ async def test_allow_list_entry_taken_out_again_from_the_page(
         page.click(f"#sessions tr[data-session='{sid}'] a")
         expect(page.locator("#d-id")).to_have_text(sid)
         expect(page.locator("#allow")).to_have_text("Allow-list 127.0.0.1")
+        expect(page.locator("#allow-state")).to_have_text(NOT_LISTED)  # the page asked
         expect(page.locator("#allow-remove")).to_be_hidden()  # nothing to take out yet
         page.once("dialog", lambda dialog: dialog.accept())
         page.click("#allow")
@@ -675,6 +678,10 @@ async def test_allow_list_entry_taken_out_again_from_the_page(
         remove = page.locator("#allow-remove")
         expect(remove).to_be_visible()
         expect(remove).to_have_text("Remove 127.0.0.1 from trusted_networks")
+        expect(page.locator("#allow-state")).to_have_text(
+            f"127.0.0.1 is allow-listed by 127.0.0.1 (review page, session {sid}) "
+            "in trusted_networks."
+        )
         screenshot(page, "review-allow.png")
 
     await tab.run(allow)
@@ -695,6 +702,7 @@ async def test_allow_list_entry_taken_out_again_from_the_page(
         expect(status).to_have_class("status ok")
         expect(page.locator("#allow-remove")).to_be_hidden()
         expect(page.locator("#allow")).to_be_focused()  # the keyboard is not sent to the top
+        expect(page.locator("#allow-state")).to_have_text(NOT_LISTED)
 
     await tab.run(remove_by_keyboard)
     assert list_file.read_text() == shipped
@@ -702,7 +710,7 @@ async def test_allow_list_entry_taken_out_again_from_the_page(
     assert (audit["allowlist.value"], audit["admin.client"]) == ("127.0.0.1", "127.0.0.1")
     assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 554  # refused again
 
-    # listed by someone else (the CLI): the page learns it from Allow-list's answer
+    # listed by someone else (the CLI): the page asks the list when the session opens
     status, body = await api(
         rn, "POST", "/api/allow", {"kind": "ip", "value": "127.0.0.1", "comment": "by the CLI"}
     )
@@ -713,7 +721,13 @@ async def test_allow_list_entry_taken_out_again_from_the_page(
         page.reload()
         expect(page.locator("#d-id")).to_have_text(sid)
         expect(page.locator("#allow")).to_be_visible()
-        expect(page.locator("#allow-remove")).to_be_hidden()
+        # straight away, without Allow-list clicked
+        expect(page.locator("#allow-remove")).to_have_text("Remove 127.0.0.1 from trusted_networks")
+        expect(page.locator("#allow-remove")).to_be_visible()
+        expect(page.locator("#allow-state")).to_have_text(
+            "127.0.0.1 is allow-listed by 127.0.0.1 (by the CLI) in trusted_networks."
+        )
+        # Allow-list still says where it is listed
         page.once("dialog", lambda dialog: dialog.accept())
         page.click("#allow")
         status = page.locator("#action-status")
@@ -759,10 +773,62 @@ async def test_allow_list_entry_taken_out_again_from_the_page(
         )
         expect(status).to_have_class("status error")
         expect(page.locator("#allow-remove")).to_be_hidden()
+        expect(page.locator("#allow-state")).to_have_text(NOT_LISTED)
 
     await tab.run(gone_already)
     assert list_file.read_text() == shipped
     assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 554
+
+    # listed before the page was opened, with a comment that is markup: after a reload
+    # the page says so (as text) and Remove works without Allow-list clicked first
+    status, body = await api(
+        rn, "POST", "/api/allow", {"kind": "ip", "value": "127.0.0.1", "comment": XSS_COMMENT}
+    )
+    assert (status, body["added"]) == (200, True)
+    assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 250  # trusted
+
+    def remove_after_reload(page: Page) -> None:
+        page.reload()
+        expect(page.locator("#d-id")).to_have_text(sid)
+        state = page.locator("#allow-state")
+        expect(state).to_have_text(
+            f"127.0.0.1 is allow-listed by 127.0.0.1 ({XSS_COMMENT}) in trusted_networks."
+        )
+        assert page.locator("#d-actions img").count() == 0
+        assert page.evaluate("window.__xss") is None
+        remove = page.locator("#allow-remove")
+        expect(remove).to_be_visible()
+        expect(remove).to_be_enabled()
+        remove.click()
+        status = page.locator("#action-status")
+        expect(status).to_have_text(
+            re.compile(r"^Removed 127\.0\.0\.1 from trusted_networks \(\S+\); the rules were")
+        )
+        expect(status).to_have_class("status ok")
+        expect(remove).to_be_hidden()
+        expect(state).to_have_text(NOT_LISTED)
+
+    await tab.run(remove_after_reload)
+    assert list_file.read_text() == shipped
+    assert len(rn.events.find("allowlist.remove", event__outcome="success")) == 3
+    assert await trio.to_thread.run_sync(ehlo, port, "bad.example") == 554  # refused again
+
+    # covered only by a network: said so, and no Remove (it would not take the network out)
+    status, body = await api(
+        rn, "POST", "/api/allow", {"kind": "cidr", "value": "127.0.0.0/8", "comment": "loopback"}
+    )
+    assert (status, body["added"]) == (200, True)
+
+    def covered_by_a_network(page: Page) -> None:
+        page.reload()
+        expect(page.locator("#d-id")).to_have_text(sid)
+        expect(page.locator("#allow-state")).to_have_text(
+            "127.0.0.1 is allow-listed by 127.0.0.0/8 (loopback) in trusted_networks."
+        )
+        expect(page.locator("#allow")).to_be_enabled()
+        expect(page.locator("#allow-remove")).to_be_hidden()
+
+    await tab.run(covered_by_a_network)
     tab.check_clean()
 
 

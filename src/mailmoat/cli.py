@@ -138,17 +138,28 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask the running node to append IP or CIDR to a file-backed cidr list "
         "(trusted_networks of rules/10-allowlist.toml unless --list) with a comment saying "
         "who and when, then reload its rules.  The kind can be given first: allow cidr "
-        "10.1.0.0/16.  Exit 2 if the node cannot be asked or the value is not an address.",
+        "10.1.0.0/16.  Without IP|CIDR, --list [NAME] prints the entries of the list "
+        "instead (--ip ADDR: those covering ADDR).  Exit 2 if the node cannot be asked or "
+        "the value is not an address.",
     )
     _add_config(allow)
     allow.add_argument(
-        "value", nargs="+", metavar="IP|CIDR", help="an address or a network ([ip|cidr] VALUE)"
+        "value", nargs="*", metavar="IP|CIDR", help="an address or a network ([ip|cidr] VALUE)"
     )
     allow.add_argument("--comment", default="", help="why, kept in the list file")
-    allow.add_argument("--list", dest="list_name", metavar="NAME", help="another cidr list")
+    allow.add_argument(
+        "--list",
+        dest="list_name",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="another cidr list; without IP|CIDR: print the list's entries",
+    )
     allow.add_argument(
         "--remove", action="store_true", help="take the entry out of the list again (and reload)"
     )
+    allow.add_argument("--ip", metavar="ADDR", help="with --list: only the entries covering ADDR")
+    allow.add_argument("--json", action="store_true", help="with --list: the API's JSON answer")
     ja4 = sub.add_parser(
         "ja4",
         help="fingerprint a TLS ClientHello (JA3, JA4) given as hex",
@@ -401,7 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cli_admin import cmd_allow
 
             return cmd_allow(
-                args.config, args.value, args.comment, args.list_name, remove=args.remove
+                args.config,
+                args.value,
+                args.comment,
+                args.list_name,
+                remove=args.remove,
+                ip=args.ip,
+                as_json=args.json,
             )
         case "ja4":
             return cmd_ja4(args.hex, args.json, args.alpn_convention)

@@ -10,7 +10,9 @@ transcript, then the events -- as text, or as one JSON object (``--json``:
 (``[admin] listen`` and ``token_file``); when the node cannot be asked (no
 ``[admin]``, an unreadable config or token, nobody listening) they exit 2 with
 one line, and when the node refuses (not banned, a list that is not there)
-they exit 1 with the node's reason.  Never a traceback.
+they exit 1 with the node's reason.  Never a traceback.  ``allow --list
+[NAME] [--ip ADDR] [--json]`` prints the entries of the list (``GET
+/api/allow``) as a table (:func:`render_allow_list`) or as the API's JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
+from urllib.parse import urlencode
 
 #: exit status when the node cannot even be asked
 EXIT_UNREACHABLE = 2
@@ -156,7 +159,9 @@ def cmd_session(config_path: str, session_id: str, as_json: bool, out: TextIO = 
 # --------------------------------------------------------------------------- admin API calls
 
 
-def _call(config_path: str, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+def _call(
+    config_path: str, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, Any]:
     """Call the running node's admin API; :class:`_Fail` (exit 2) when it cannot be asked."""
     from .admin import AdminUnavailable, admin_call
     from .app import read_admin_token
@@ -220,16 +225,30 @@ def cmd_allow(
     list_name: str | None,
     *,
     remove: bool = False,
+    ip: str | None = None,
+    as_json: bool = False,
 ) -> int:
     """``allow IP|CIDR`` (the kind from the value) or ``allow ip|cidr VALUE``;
-    ``--remove`` takes the entry out again."""
+    ``--remove`` takes the entry out again; ``--list [NAME]`` alone (``list_name``
+    ``""`` when given without a name) prints the entries (:func:`cmd_allow_list`)."""
+    if not values and list_name is not None and not remove:
+        return cmd_allow_list(config_path, list_name or None, ip, as_json)
+    if ip is not None or as_json:
+        _say("allow: --ip and --json go with --list alone (allow --list --ip 192.0.2.7)")
+        return 2
+    if list_name == "" and values:
+        _say("allow: --list needs a NAME when adding or removing (alone it lists the entries)")
+        return 2
     if len(values) == 2 and values[0] in ("ip", "cidr"):
         kind, value = values
     elif len(values) == 1:
         value = values[0]
         kind = "cidr" if "/" in value else "ip"
     else:
-        _say("allow: give an address or a network (allow 192.0.2.7, allow 10.1.0.0/16)")
+        _say(
+            "allow: give an address or a network (allow 192.0.2.7, allow 10.1.0.0/16), "
+            "or --list to see the entries"
+        )
         return 2
     body: dict[str, Any] = {"kind": kind, "value": value}
     if not remove:
@@ -257,3 +276,108 @@ def cmd_allow(
         for line in (answer.get("rules") or {}).get("errors", []):
             _say(line)
     return 2 if status == 400 else 1
+
+
+def _cell(value: Any) -> str:
+    """A table cell: ``-`` for nothing; a control character (a hand-edited file) as ``?``."""
+    if value in (None, ""):
+        return "-"
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
+def render_allow_list(answer: dict[str, Any]) -> str:
+    """The table ``mailmoat allow --list`` prints for an answer of ``GET /api/allow``.
+
+    Per list a heading (name, file, how many entries), then one row per entry:
+    the entry as written, whether it is in force, who added it when, the
+    comment.  Lines of the file that are not entries are not here: see
+    :func:`cmd_allow_list`.
+    """
+    ip = answer.get("ip")
+    entries = [e for e in answer.get("entries") or [] if isinstance(e, dict)]
+    lines: list[str] = []
+    for lst in answer.get("lists") or []:
+        if not isinstance(lst, dict):
+            continue
+        mine = [e for e in entries if e.get("list") == lst.get("list")]
+        n = len(mine)
+        if ip is not None:
+            what = (
+                f"{n} {'entry covers' if n == 1 else 'entries cover'} {ip}"
+                if n
+                else f"no entry covers {ip}"
+            )
+        else:
+            what = f"{n} {'entry' if n == 1 else 'entries'}" if n else "no entries"
+        lines.append(f"{lst.get('list')} ({lst.get('file')}): {what}")
+        if not mine:
+            continue
+        head = ("ENTRY", "IN FORCE", "ADDED BY", "ADDED AT", "COMMENT")
+        rows = [
+            (
+                _cell(e.get("entry")),
+                "yes" if e.get("active") else "no",
+                _cell(e.get("added_by")),
+                _cell(e.get("added_at")),
+                _cell(e.get("comment")),
+            )
+            for e in mine
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+        for r in [head, *rows]:
+            cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)]
+            lines.append("  ".join([*cells, r[-1]]).rstrip())
+    if any(e.get("active") is False for e in entries):
+        lines.append(
+            "IN FORCE no: in the file but not in the rules in force (added by hand since the "
+            "last reload: mailmoat reload)"
+        )
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def cmd_allow_list(
+    config_path: str,
+    list_name: str | None,
+    ip: str | None,
+    as_json: bool,
+    out: TextIO = sys.stdout,
+) -> int:
+    """``allow --list [NAME] [--ip ADDR] [--json]``: the entries of the list (default
+    ``trusted_networks``); lines of its file that are not entries go to stderr."""
+    if list_name is not None:
+        try:
+            ipaddress.ip_network(list_name, strict=False)
+        except ValueError:
+            pass
+        else:
+            _say(
+                f"allow: --list takes a list name, not an address: {list_name!r} (the entries "
+                "covering an address: allow --list --ip ADDR)"
+            )
+            return 2
+    query: list[tuple[str, str]] = []
+    if list_name:
+        query.append(("list", list_name))
+    if ip is not None:
+        query.append(("ip", ip))
+    path = "/api/allow" + (f"?{urlencode(query)}" if query else "")
+    try:
+        status, answer = _call(config_path, "GET", path)
+    except _Fail as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    if status != 200 or not isinstance(answer, dict):
+        _say(_reason(status, answer))
+        return 2 if status == 400 else 1
+    if as_json:
+        out.write(json.dumps(answer, ensure_ascii=False, indent=2) + "\n")
+    else:
+        out.write(render_allow_list(answer))
+    out.flush()
+    for bad in answer.get("invalid") or []:
+        if isinstance(bad, dict):
+            _say(
+                f"{bad.get('file')}:{bad.get('line')}: not an entry, {bad.get('error')} "
+                "(the rules do not reload until it is fixed or commented out)"
+            )
+    return 0

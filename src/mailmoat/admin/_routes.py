@@ -15,6 +15,8 @@ Contract (docs/admin.md): :func:`add_node_routes` registers every route on an
 * ``POST /api/allow``: append an address or network to a file-backed ``cidr``
   list (``trusted_networks`` by default), atomically, then reload the rules;
   ``POST /api/allow/remove`` takes an entry out again the same way;
+  ``GET /api/allow`` lists the entries of such a list as its file holds them
+  (:func:`read_allow_file`), ``?ip=`` only those covering one address;
 * ``GET /metrics``: ``node.metrics.render()`` when the node has metrics.
 
 Theory of operation
@@ -36,6 +38,7 @@ import functools
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -75,6 +78,8 @@ LABELS: Final = ("false_positive", "confirmed")
 #: the list ``POST /api/allow`` appends to unless told otherwise
 DEFAULT_ALLOW_LIST: Final = "trusted_networks"
 MAX_NOTE: Final = 2000
+#: the query parameters of ``GET /api/allow``
+ALLOW_PARAMS: Final = ("ip", "list")
 _TRUE: Final = ("", "1", "true", "yes", "on")
 _FALSE: Final = ("0", "false", "no", "off")
 
@@ -514,6 +519,109 @@ def _entry_of(line: str) -> IPNetwork | None:
         return None
 
 
+#: the comment :func:`allow` writes after an entry: ``added by CLIENT at TIME[: COMMENT]``
+_ADDED: Final = re.compile(
+    r"added by (?P<by>\S+) at (?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)(?:: (?P<comment>.*))?"
+)
+
+
+def read_allow_file(
+    text: str,
+) -> tuple[list[tuple[IPNetwork, dict[str, Any]]], list[dict[str, Any]]]:
+    """The entries of a list file and the lines that are not entries, in file order.
+
+    A line is read as the rule loader reads it: what comes before ``#`` is the
+    entry, a line with nothing there (blank, only a comment) is skipped.  Each
+    entry is its network and ``{"entry" (as written), "kind" ("ip" for one
+    address, else "cidr"), "line", "comment", "added_by", "added_at"}``: for a
+    line :func:`allow` wrote, who and when and the comment given (``None`` when
+    none); for a hand-written one, the whole comment and no who or when.  A line
+    whose entry does not parse is ``{"line", "text", "error"}`` in the second
+    list (the rule loader refuses the file while it is there).
+    """
+    entries: list[tuple[IPNetwork, dict[str, Any]]] = []
+    invalid: list[dict[str, Any]] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        item, _, note = raw.partition("#")
+        item, note = item.strip(), note.strip()
+        if not item:
+            continue
+        try:
+            net = parse_network(item)
+        except ValueError as exc:
+            invalid.append({"line": lineno, "text": raw.strip(), "error": str(exc)})
+            continue
+        added = _ADDED.fullmatch(note)
+        full = 32 if net.version == 4 else 128
+        entry: dict[str, Any] = {
+            "entry": item,
+            "kind": "ip" if net.prefixlen == full else "cidr",
+            "line": lineno,
+            "comment": (added.group("comment") if added else note) or None,
+            "added_by": added.group("by") if added else None,
+            "added_at": added.group("at") if added else None,
+        }
+        entries.append((net, entry))
+    return entries, invalid
+
+
+def _covers(net: IPNetwork, address: IPNetwork) -> bool:
+    if isinstance(net, ipaddress.IPv4Network) and isinstance(address, ipaddress.IPv4Network):
+        return address.subnet_of(net)
+    if isinstance(net, ipaddress.IPv6Network) and isinstance(address, ipaddress.IPv6Network):
+        return address.subnet_of(net)
+    return False
+
+
+def list_allow(node: Node, list_names: list[str], ip: str | None) -> Response:
+    """``GET /api/allow`` once its query is checked: the entries of each list's file.
+
+    Every entry says its list and file and whether it is ``active`` (in the
+    rules in force: a line added by hand since the last reload is not); with
+    ``ip``, only the entries covering that address, each with ``exact`` (the
+    entry is the address itself, so ``POST /api/allow/remove`` can take it out).
+    """
+    address: IPNetwork | None = None
+    if ip is not None:
+        parsed = parse_ip(ip.strip())
+        if parsed is None:
+            raise BadParameter("ip", f"not an IP address: {ip!r}")
+        # a zone (fe80::1%eth0) is not part of any list entry
+        address = ipaddress.ip_network(str(parsed).partition("%")[0])
+    lists: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    invalid: list[dict[str, Any]] = []
+    for list_name in list_names:
+        found = _list_file(node, list_name)
+        if isinstance(found, Response):
+            return found
+        source, path = found
+        try:
+            # a stray byte in a hand-written comment must not hide the whole list
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            return _error(500, f"cannot read the list file {source}: {exc.strerror or exc}")
+        named = node.rules.current.lists.get(list_name)
+        items = named.items if named is not None else ()
+        in_force = {net for i in items if (net := _entry_of(i)) is not None}
+        where = {"list": list_name, "file": source}
+        found_entries, found_invalid = read_allow_file(text)
+        lists.append({**where, "count": len(found_entries), "invalid": len(found_invalid)})
+        for net, fields in found_entries:
+            if address is not None and not _covers(net, address):
+                continue
+            entry = {**fields, **where, "active": net in in_force}
+            if address is not None:
+                entry["exact"] = net == address
+            entries.append(entry)
+        invalid.extend({**bad, **where} for bad in found_invalid)
+    body: dict[str, Any] = {"lists": lists, "entries": entries, "count": len(entries)}
+    if address is not None:
+        body["ip"] = str(address.network_address)
+    body["invalid"] = invalid
+    return Response.json(body)
+
+
 # --------------------------------------------------------------------------- routes
 
 
@@ -698,6 +806,19 @@ def add_node_routes(server: AdminServer, node: Node) -> None:
         # no await from here on: no other request changes the file meanwhile
         return allow(node, list_name, kind, net, comment, request.client[0])
 
+    async def get_allow(request: Request) -> Response:
+        for name, given in request.query.items():
+            if name not in ALLOW_PARAMS:
+                raise BadParameter(name, f"unknown parameter; known: {', '.join(ALLOW_PARAMS)}")
+            if name == "ip" and len(given) != 1:
+                raise BadParameter(name, "given more than once")
+            if not all(v.strip() for v in given):
+                raise BadParameter(name, "is empty")
+        ip = request.query["ip"][0] if "ip" in request.query else None
+        # a list named twice is listed once
+        list_names = list(dict.fromkeys(request.query.get("list") or [DEFAULT_ALLOW_LIST]))
+        return list_allow(node, list_names, ip)
+
     async def post_allow_remove(request: Request) -> Response:
         data = _body(request)
         kind = _text(data, "kind")
@@ -725,6 +846,7 @@ def add_node_routes(server: AdminServer, node: Node) -> None:
     server.route("GET", "/api/events", _handles_bad_parameters(get_events))
     server.route("GET", "/api/sessions/{id}", get_session)
     server.route("POST", "/api/sessions/{id}/label", _handles_bad_parameters(post_label))
+    server.route("GET", "/api/allow", _handles_bad_parameters(get_allow))
     server.route("POST", "/api/allow", _handles_bad_parameters(post_allow))
     server.route("POST", "/api/allow/remove", _handles_bad_parameters(post_allow_remove))
     server.route("GET", "/metrics", get_metrics)

@@ -1,5 +1,5 @@
 // mailmoat review page: blocked sessions (paged), one session's story, unban /
-// allow (and take out again) / label.
+// allow (and take out again, also an entry listed before) / label.
 //
 // Everything shown comes from the admin API (docs/admin.md) and much of it from
 // the attacker (user names, HELO names, transcripts): it only ever reaches the
@@ -582,6 +582,7 @@
     for (const span of document.querySelectorAll("#d-actions .ip")) span.textContent = ip;
     $("unban").hidden = $("allow").hidden = !ip;
     showAllowRemove();
+    setStatus($("allow-state"), ip ? "Checking the allow list for " + ip + "\u2026" : "", "");
     $("d-actions").hidden = false;
   }
 
@@ -593,6 +594,7 @@
     $("d-body").replaceChildren();
     $("d-actions").hidden = true;
     setStatus($("action-status"), "", "");
+    setStatus($("allow-state"), "", "");
     $("label-note").value = "";
     $("back").setAttribute("href", hashOf({ ...state, session: "" }));
     setStatus($("d-status"), "Loading\u2026", "");
@@ -605,6 +607,7 @@
     setStatus($("d-status"), "", "");
     current = r.data;
     renderSession(r.data);
+    await checkAllowed();
   }
 
   // -- the actions -----------------------------------------------------------------------
@@ -656,18 +659,58 @@
         comment: "review page, session " + id,
       });
       if (!r.ok) return [false, "Allow-listing failed (" + r.status + "): " + r.error];
-      // added now or there already: either way the page can offer to take it out
-      allowed.set(ip, { value: String(r.data.value || ip), list: String(r.data.list || "") });
-      showAllowRemove();
+      // added now or there already: the list says which entry, and whether Remove can take it out
+      await checkAllowed();
       if (!r.data.added) return [true, String(r.data.message || "Already allow-listed.")];
       return [true, "Added " + r.data.value + " to " + r.data.list + " (" + r.data.file + "); the rules were reloaded."];
     });
   }
 
-  // The allow-list entries this page added (or found there already), by client
-  // address: {value, list}. The API has no question "is it listed?", so the page
-  // knows only these; Allow-list again says so for an address listed elsewhere.
+  // The exact allow-list entry of each client address, as GET /api/allow?ip= last
+  // said ({value, list}): Remove is offered for it. Asked again whenever a session
+  // opens and after every Allow-list and Remove, so it holds what the list file holds.
   const allowed = new Map();
+  // the newest question asked: an older answer that comes late is not shown
+  let allowAsked = 0;
+
+  // "ENTRY (COMMENT)" for each entry that covers the address, as text
+  function allowText(ip, data) {
+    const entries = Array.isArray(data.entries) ? data.entries.filter((e) => e && typeof e === "object") : [];
+    const lists = Array.isArray(data.lists) ? data.lists.map((l) => String(l && l.list)) : [];
+    if (!entries.length) return ip + " is not on the allow list (" + (lists.join(", ") || "none") + ").";
+    const by = entries.map(
+      (e) =>
+        String(e.entry) +
+        (e.comment ? " (" + String(e.comment) + ")" : "") +
+        (e.active === false ? " [in the file, not in force until the rules are reloaded]" : ""),
+    );
+    const where = [...new Set(entries.map((e) => String(e.list)))];
+    return ip + " is allow-listed by " + by.join(" and by ") + " in " + where.join(", ") + ".";
+  }
+
+  // Ask the node which entries cover the session's client address: say so, and
+  // offer Remove when one of them is exactly that address.
+  async function checkAllowed() {
+    const ip = clientIp();
+    const state = $("allow-state");
+    const mine = ++allowAsked;
+    if (!ip) {
+      setStatus(state, "", "");
+      return;
+    }
+    const r = await api("GET", "/api/allow?" + new URLSearchParams({ ip }).toString());
+    if (mine !== allowAsked || clientIp() !== ip) return;
+    if (!r.ok || !r.data) {
+      setStatus(state, "Cannot tell whether " + ip + " is allow-listed (" + r.status + "): " + r.error, "");
+      return;
+    }
+    const entries = Array.isArray(r.data.entries) ? r.data.entries : [];
+    const exact = entries.find((e) => e && e.exact === true);
+    if (exact) allowed.set(ip, { value: String(exact.entry), list: String(exact.list || "") });
+    else allowed.delete(ip);
+    showAllowRemove();
+    setStatus(state, allowText(ip, r.data), "");
+  }
 
   function showAllowRemove() {
     const ip = clientIp();
@@ -685,16 +728,26 @@
     const button = $("allow-remove");
     const where = entry.list || "the allow list";
     await act(button, async () => {
-      const body = { kind: "ip", value: entry.value };
+      // an entry as written may be an address as a network (192.0.2.7/32): cidr takes both
+      const body = { kind: entry.value.includes("/") ? "cidr" : "ip", value: entry.value };
       if (entry.list) body.list = entry.list;
       const r = await api("POST", "/api/allow/remove", body);
-      if (!r.ok) return [false, "Removing " + entry.value + " from " + where + " failed (" + r.status + "): " + r.error];
-      allowed.delete(ip);
+      let result;
+      if (!r.ok) {
+        result = [false, "Removing " + entry.value + " from " + where + " failed (" + r.status + "): " + r.error];
+      } else if (!r.data.removed) {
+        allowed.delete(ip);
+        result = [false, "Nothing removed: " + String(r.data.message || "no such entry")];
+      } else {
+        allowed.delete(ip);
+        let text = "Removed " + r.data.value + " from " + r.data.list + " (" + r.data.file + "); the rules were reloaded.";
+        if (r.data.active) text += " " + r.data.value + " is still allowed: another entry of the list covers it.";
+        result = [true, text];
+      }
       showAllowRemove();
-      if (!r.data.removed) return [false, "Nothing removed: " + String(r.data.message || "no such entry")];
-      let text = "Removed " + r.data.value + " from " + r.data.list + " (" + r.data.file + "); the rules were reloaded.";
-      if (r.data.active) text += " " + r.data.value + " is still allowed: another entry of the list covers it.";
-      return [true, text];
+      // whatever happened, show what the list holds now
+      await checkAllowed();
+      return result;
     });
     // the button is gone: keyboard focus goes back to Allow-list, not to the top of the page
     if (button.hidden && (document.activeElement === button || document.activeElement === document.body)) {
