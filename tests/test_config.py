@@ -276,7 +276,7 @@ def test_shipped_deploy_config_is_valid() -> None:
     webmail = cfg.listeners[5].http
     assert webmail is not None
     assert webmail.login is not None
-    assert webmail.login.user_field == "_user"
+    assert webmail.login.form.user_field == "_user"
     assert cfg.listeners[0].greet_delay == 2
     assert cfg.backends["postfix-mx"].client_identity == "xclient"
 
@@ -359,9 +359,10 @@ def test_http_listener_loads(tmp_path: Path, mailmoat_tls: MailmoatTLS) -> None:
     assert web.http.deny_page == tmp_path / "deny.html"
     login = web.http.login
     assert login is not None
-    assert (login.path, login.user_field, login.password_field) == ("/", "_user", "_pass")
-    assert login.success_status == (302,)
-    assert login.success_cookie == "roundcube_sessauth"
+    form, outcome = login.form, login.outcome
+    assert (form.path, form.user_field, form.password_field) == ("/", "_user", "_pass")
+    assert outcome.success_status == (302,)
+    assert outcome.success_cookie == "roundcube_sessauth"
     assert plain.http is not None
     assert plain.http.redirect_https == "host"
     assert plain.backend == ""  # a redirect-only listener needs none

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, final
 
 from .errors import ConfigError, MailmoatError
-from .protocols.http import HttpLimits
+from .protocols.http import HttpLimits, LoginForm, LoginOutcome
 
 TlsMode = Literal["none", "starttls", "implicit"]
 Protocol = Literal["smtp", "imap", "http"]
@@ -99,17 +99,12 @@ class SmtpLimitsConfig:
 @final
 @dataclass(frozen=True, slots=True)
 class HttpLoginConfig:
-    """``[listener.login]``: the webmail's login endpoint and how its answer reads."""
+    """``[listener.login]``: the webmail's login endpoint (``form``: method,
+    path, the user and password fields) and how its answer reads
+    (``outcome``: success and failure statuses, redirect, cookie)."""
 
-    path: str
-    user_field: str
-    password_field: str
-    method: str = "POST"
-    success_status: tuple[int, ...] = (302, 303)
-    success_location: str | None = None
-    success_cookie: str | None = None
-    failure_status: tuple[int, ...] = ()
-    failure_location: str | None = None
+    form: LoginForm
+    outcome: LoginOutcome = field(default_factory=LoginOutcome)
 
 
 _HTTP_LIMITS = HttpLimits()
@@ -610,16 +605,22 @@ def _http_login(ctx: _Ctx, raw: Any, i: int) -> HttpLoginConfig | None:
     if not success:
         _login_error(ctx, "login success_status must not be empty", i, "success_status")
         success = (302, 303)
+    if not path.startswith("/"):
+        return None  # the error is recorded above; LoginForm would refuse it
     return HttpLoginConfig(
-        path=path,
-        user_field=str(values["user_field"]),
-        password_field=str(values["password_field"]),
-        method=(values["method"] or "POST").upper(),
-        success_status=success,
-        success_location=values["success_location"],
-        success_cookie=values["success_cookie"],
-        failure_status=_statuses(ctx, raw, "failure_status", (), i),
-        failure_location=values["failure_location"],
+        form=LoginForm(
+            path=path,
+            user_field=str(values["user_field"]),
+            password_field=str(values["password_field"]),
+            method=(values["method"] or "POST").upper(),
+        ),
+        outcome=LoginOutcome(
+            success_status=success,
+            success_location=values["success_location"],
+            success_cookie=values["success_cookie"],
+            failure_status=_statuses(ctx, raw, "failure_status", (), i),
+            failure_location=values["failure_location"],
+        ),
     )
 
 

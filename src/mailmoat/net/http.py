@@ -124,19 +124,8 @@ class HttpService(ServiceBase):
             max_body_size=hc.max_body_size,
         )
         self.trusted = IpRanges(parse_network(n) for n in hc.trusted_proxies)
-        lc = hc.login
-        self.login = LoginForm(lc.path, lc.user_field, lc.password_field, lc.method) if lc else None
-        self.outcome = (
-            LoginOutcome(
-                success_status=lc.success_status,
-                success_location=lc.success_location,
-                success_cookie=lc.success_cookie,
-                failure_status=lc.failure_status,
-                failure_location=lc.failure_location,
-            )
-            if lc
-            else None
-        )
+        self.login: LoginForm | None = hc.login.form if hc.login else None
+        self.outcome: LoginOutcome | None = hc.login.outcome if hc.login else None
 
     def start_draining(self) -> None:
         """The node drains: kept-alive connections waiting for a request close now,
