@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,10 @@ from mailmoat.state._wire import parse_reply as _parse
 from test_state_store import RedisServer
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
+@contextlib.contextmanager
+def redis_server(tmp_path: Path, *extra: str) -> Iterator[RedisServer]:
+    """A redis-server of this test alone (the test may kill and restart it)."""
+    server = RedisServer(tmp_path / "redis", extra=list(extra))
     server.start()
     try:
         yield server
@@ -103,9 +105,7 @@ def test_which_urls_get_the_lean_client() -> None:
 
 
 async def test_password_and_database(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis", extra=["--requirepass", "s3cret-pw"])
-    server.start()
-    try:
+    with redis_server(tmp_path, "--requirepass", "s3cret-pw") as server:
         url = f"redis://:s3cret-pw@127.0.0.1:{server.port}/3"
         async with RedisStore.connect(url) as store:
             assert await store.run([Count("k", 60), Count("k", 60)]) == [1, 2]
@@ -120,31 +120,26 @@ async def test_password_and_database(tmp_path: Path) -> None:
             assert "WRONGPASS" in str(caught.value) or "invalid" in str(caught.value)
             assert "wrong-pw" not in str(caught.value)
             assert store.healthy is False
-    finally:
-        server.kill()
 
 
 async def test_unix_socket(tmp_path: Path) -> None:
     sock = tmp_path / "r.sock"
-    server = RedisServer(tmp_path / "redis", extra=["--unixsocket", str(sock)])
-    server.start()
-    try:
+    with redis_server(tmp_path, "--unixsocket", str(sock)):
         async with RedisStore.connect(f"unix://{sock}?db=1") as store:
             await store.ban("192.0.2.7", 60, "unix")
             ban, count = await store.run([GetBan("192.0.2.7"), Count("u", 60)])
             assert (ban.ip, ban.reason, count) == ("192.0.2.7", "unix", 1)
-    finally:
-        server.kill()
 
 
-async def test_a_restarted_server_costs_no_failed_call(own_redis: RedisServer) -> None:
-    async with RedisStore.connect(own_redis.url) as store:
-        assert await store.run([Count("k", 60)]) == [1]  # leaves an idle connection
-        own_redis.kill()
-        own_redis.start()
-        # the idle connection the restart closed is noticed and replaced, not used
-        assert await store.run([Count("k", 60)]) == [1]
-        assert store.healthy is True
+async def test_a_restarted_server_costs_no_failed_call(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        async with RedisStore.connect(server.url) as store:
+            assert await store.run([Count("k", 60)]) == [1]  # leaves an idle connection
+            server.kill()
+            server.start()
+            # the idle connection the restart closed is noticed and replaced, not used
+            assert await store.run([Count("k", 60)]) == [1]
+            assert store.healthy is True
 
 
 async def test_a_server_speaking_nonsense_is_unavailable_not_a_crash() -> None:
@@ -165,17 +160,18 @@ async def test_a_server_speaking_nonsense_is_unavailable_not_a_crash() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_cancelled_batch_never_shifts_the_replies(own_redis: RedisServer) -> None:
-    pool = RespPool(port=own_redis.port)
-    try:
-        assert await pool.execute([["SET", "a", "1"], ["SET", "b", "2"]]) == ["OK", "OK"]
-        (paused,) = await pool.execute([["CLIENT", "PAUSE", 300]])
-        assert paused == "OK"
-        with trio.move_on_after(0.1):
-            await pool.execute([["GET", "a"]])  # its reply arrives after we gave up
-        await trio.sleep(0.35)
-        assert await pool.execute([["GET", "b"], ["GET", "a"]]) == ["2", "1"]
-    finally:
-        await pool.aclose()
-    with pytest.raises(ConnectionError, match="closed"):
-        await pool.execute([["PING"]])
+async def test_a_cancelled_batch_never_shifts_the_replies(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        pool = RespPool(port=server.port)
+        try:
+            assert await pool.execute([["SET", "a", "1"], ["SET", "b", "2"]]) == ["OK", "OK"]
+            (paused,) = await pool.execute([["CLIENT", "PAUSE", 300]])
+            assert paused == "OK"
+            with trio.move_on_after(0.1):
+                await pool.execute([["GET", "a"]])  # its reply arrives after we gave up
+            await trio.sleep(0.35)
+            assert await pool.execute([["GET", "b"], ["GET", "a"]]) == ["2", "1"]
+        finally:
+            await pool.aclose()
+        with pytest.raises(ConnectionError, match="closed"):
+            await pool.execute([["PING"]])
