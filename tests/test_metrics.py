@@ -166,6 +166,29 @@ def test_tls_handshakes_by_leg_version_and_outcome() -> None:
     assert value(got, t, leg="other", version="TLSv1.3", outcome="success") == 1
 
 
+def test_handshake_and_backend_connect_latencies() -> None:
+    m = NodeMetrics()
+    feed(
+        m,
+        event("tls.handshake", outcome="success", tls__leg="client", tls__handshake_ms=3.2),
+        event("tls.handshake", outcome="success", tls__leg="client", tls__handshake_ms=40.0),
+        event("tls.handshake", outcome="failure", tls__leg="backend", tls__handshake_ms=0.4),
+        event("tls.handshake", outcome="success", tls__leg="client"),  # untimed: counted only
+        event("session.close", session__close_reason="client_quit", backend__connect_ms=0.8),
+        event("session.close", session__close_reason="backend_unavailable"),  # never connected
+    )
+    got = samples(m)
+    h = "mailmoat_tls_handshake_seconds"
+    assert value(got, f"{h}_count", leg="client", outcome="success") == 2
+    assert value(got, f"{h}_sum", leg="client", outcome="success") == pytest.approx(0.0432)
+    assert value(got, f"{h}_bucket", leg="client", outcome="success", le="0.005") == 1
+    assert value(got, f"{h}_bucket", leg="client", outcome="success", le="0.05") == 2
+    assert value(got, f"{h}_count", leg="backend", outcome="failure") == 1
+    c = "mailmoat_backend_connect_seconds"
+    assert value(got, f"{c}_count", protocol="smtp", listener="smtp") == 1
+    assert value(got, f"{c}_bucket", protocol="smtp", listener="smtp", le="0.001") == 1
+
+
 def test_journal_drops_are_summed_and_alerts_counted() -> None:
     m = NodeMetrics()
     assert value(samples(m), "mailmoat_journal_dropped_events_total") == 0  # there before any drop
@@ -389,5 +412,7 @@ async def test_a_node_counts_its_sessions_and_verdicts(
     assert value(got, "mailmoat_verdicts_total", rule_id="T-HELO", action="deny") == 1
     assert value(got, "mailmoat_sessions_active", **base) == 0
     assert value(got, "mailmoat_session_duration_seconds_count", **base) == 2
+    # both sessions reached Postfix: two timed backend connections
+    assert value(got, "mailmoat_backend_connect_seconds_count", **base) == 2
     assert value(got, "mailmoat_rules_reloads_total", trigger="start", outcome="success") == 1
     assert value(got, "mailmoat_rules_loaded") == 1

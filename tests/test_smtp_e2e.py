@@ -175,6 +175,7 @@ async def test_swaks_plain_and_starttls(postfix: PostfixInstance, start_node: St
     tls_events = rn.events.find("tls.handshake", tls__leg="client")
     assert tls_events
     assert tls_events[-1]["tls.version"] in ("TLSv1.2", "TLSv1.3")
+    assert 0 < tls_events[-1]["tls.handshake_ms"] < 20_000  # the driver timed it
 
 
 # --------------------------------------------------------------------------- TLS
@@ -300,6 +301,7 @@ async def test_openssl_s_client_min_version(
     assert "250-" not in out
     failed = rn.events.find("tls.handshake", tls__leg="client")
     assert any(e["event.outcome"] == "failure" for e in failed)
+    assert all(e["tls.handshake_ms"] >= 0 for e in failed)
 
 
 # --------------------------------------------------------------------------- big messages
@@ -580,6 +582,15 @@ server_name = "mx.mailmoat.test"
     backend_tls = rn.events.find("tls.handshake", tls__leg="backend")
     assert len(backend_tls) >= 2
     assert all(e["event.outcome"] == "success" for e in backend_tls)
+    # STARTTLS to the backend is timed on its own; implicit TLS is part of the connect
+    starttls = [e for e in backend_tls if e["session.listener"] == "via-starttls"]
+    assert starttls
+    assert all(e["tls.handshake_ms"] > 0 for e in starttls)
+    closes = rn.events.find("session.close")
+    assert {c["session.listener"] for c in closes if c["backend.connect_ms"] > 0} >= {
+        "via-starttls",
+        "via-implicit",
+    }
     # Postfix logged a TLS connection from mailmoat on both
     log = "\n".join(postfix.log_lines())
     assert "Anonymous TLS connection established" in log or "TLS connection established" in log

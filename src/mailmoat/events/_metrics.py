@@ -64,6 +64,24 @@ SESSION_BUCKETS: Final = (
     300.0,
     600.0,
 )
+#: seconds: a loopback connect (well under a millisecond) to a backend that
+#: answers late; a TLS handshake from a LAN client to one over a slow link
+CONNECT_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 def _number(value: object) -> float | None:
@@ -132,6 +150,20 @@ class NodeMetrics:
             "How long sessions lasted, from accept to close",
             ["protocol", "listener"],
             buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        self.backend_connect = Histogram(
+            "mailmoat_backend_connect_seconds",
+            "How long connecting to the backend took (TCP, PROXY header, implicit TLS)",
+            ["protocol", "listener"],
+            buckets=CONNECT_BUCKETS,
+            registry=r,
+        )
+        self.tls_handshake_time = Histogram(
+            "mailmoat_tls_handshake_seconds",
+            "How long TLS handshakes took, by leg (client or backend) and outcome",
+            ["leg", "outcome"],
+            buckets=CONNECT_BUCKETS,
             registry=r,
         )
         self.verdicts = Counter(
@@ -244,6 +276,9 @@ class NodeMetrics:
         ms = _number(event.get("session.duration_ms"))
         if ms is not None:
             self.session_duration.labels(*self._where("duration", event)).observe(ms / 1000)
+        ms = _number(event.get("backend.connect_ms"))
+        if ms is not None:
+            self.backend_connect.labels(*self._where("connect", event)).observe(ms / 1000)
 
     def _verdict(self, rule_id: object, event: Mapping[str, Any]) -> None:
         self.verdicts.labels(
@@ -268,11 +303,14 @@ class NodeMetrics:
         self.auth_attempts.labels(protocol, self._outcome(event)).inc()
 
     def _tls_handshake(self, event: Mapping[str, Any]) -> None:
+        leg = self._labels.closed(event.get("tls.leg"), TLS_LEGS)
+        outcome = self._outcome(event)
         self.tls_handshakes.labels(
-            self._labels.closed(event.get("tls.leg"), TLS_LEGS),
-            self._labels.open("tls.version", event.get("tls.version")),
-            self._outcome(event),
+            leg, self._labels.open("tls.version", event.get("tls.version")), outcome
         ).inc()
+        ms = _number(event.get("tls.handshake_ms"))
+        if ms is not None:
+            self.tls_handshake_time.labels(leg, outcome).observe(ms / 1000)
 
     def _journal_dropped(self, event: Mapping[str, Any]) -> None:
         dropped = _number(event.get("journal.dropped"))

@@ -140,6 +140,21 @@ def hello_facts(record: bytes) -> ClientHelloFacts | None:
     )
 
 
+def _ms_since(started: float) -> float:
+    return round((trio.current_time() - started) * 1000, 2)
+
+
+def timed_handshake(commands: list[Any], ms: float) -> list[Any]:
+    """The session's answer to a handshake, its ``tls.handshake`` event given
+    ``tls.handshake_ms`` (the session has no clock; the driver timed it)."""
+    return [
+        replace(c, fields={**c.fields, "tls.handshake_ms": ms})
+        if isinstance(c, Emit) and c.action == "tls.handshake"
+        else c
+        for c in commands
+    ]
+
+
 class ConnectionBase:
     """State of one proxied connection (tier 3 half of the session)."""
 
@@ -157,6 +172,9 @@ class ConnectionBase:
         self.client_in = self.client_out = self.up_in = self.up_out = 0
         self.backend_address = ""
         self.backend: Address | None = None
+        #: milliseconds the first backend connection took (TCP, PROXY header,
+        #: implicit TLS): ``backend.connect_ms`` of ``session.close``
+        self.backend_connect_ms: float | None = None
         self.geo: GeoInfo = GeoInfo()
         #: the client's ClientHello, once a handshake ran
         self.hello: ClientHelloFacts | None = None
@@ -338,11 +356,20 @@ class ConnectionBase:
         self.up_out += len(data)
         return []
 
+    async def connect_backend(self, prefix: bytes = b"") -> tuple[trio.abc.Stream, Address]:
+        """A connection to the listener's backend (see :class:`BackendPool`), timed."""
+        started = trio.current_time()
+        stream, address = await self.base_service.pool.connect(prefix)
+        if self.backend_connect_ms is None:
+            self.backend_connect_ms = _ms_since(started)
+        return stream, address
+
     async def client_handshake(self) -> list[Any]:
         certs = self.base_service.certs
         assert certs is not None
         tls = TlsStream(self.client, certs.context, server_side=True)
         reason = ""
+        started = trio.current_time()
         try:
             with trio.fail_after(self.base_service.listener.tls_handshake_timeout):
                 await tls.do_handshake()
@@ -352,25 +379,33 @@ class ConnectionBase:
             reason = exc.reason
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reason = "connection closed during handshake"
+        took = _ms_since(started)
         self.hello = hello_facts(tls.client_hello)
         if reason:
-            return self.session.client_tls_failed(reason, self.hello)
+            return timed_handshake(self.session.client_tls_failed(reason, self.hello), took)
         self.client = tls
-        return self.session.client_tls_started(
-            tls.version or "", tls.cipher or "", tls.server_name, self.hello
+        return timed_handshake(
+            self.session.client_tls_started(
+                tls.version or "", tls.cipher or "", tls.server_name, self.hello
+            ),
+            took,
         )
 
     async def upstream_handshake(self) -> list[Any]:
         assert self.upstream is not None
+        started = trio.current_time()
         try:
             assert self.backend is not None
             tls = await self.base_service.pool.start_tls(self.upstream, self.backend)
         except TlsError as exc:
-            return self.session.upstream_tls_failed(exc.reason)
+            out = self.session.upstream_tls_failed(exc.reason)
+            return timed_handshake(out, _ms_since(started))
         except trio.BrokenResourceError:
-            return self.session.upstream_tls_failed("connection closed during handshake")
+            out = self.session.upstream_tls_failed("connection closed during handshake")
+            return timed_handshake(out, _ms_since(started))
         self.upstream = tls
-        return self.session.upstream_tls_started(tls.version or "", tls.cipher or "")
+        out = self.session.upstream_tls_started(tls.version or "", tls.cipher or "")
+        return timed_handshake(out, _ms_since(started))
 
     async def copy_both_ways(
         self, upstream: trio.abc.Stream, idle_timeout: float, receive_size: int
@@ -459,6 +494,8 @@ class ConnectionBase:
             "backend.bytes_sent": self.up_out,
             "backend.bytes_received": self.up_in,
         }
+        if self.backend_connect_ms is not None:
+            fields["backend.connect_ms"] = self.backend_connect_ms
         fields.update(self.close_fields())
         outcome = "success" if reason in self.CLEAN_CLOSES else "failure"
         self.emit(Emit("session.close", fields, outcome=outcome))

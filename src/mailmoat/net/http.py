@@ -535,9 +535,8 @@ class _Connection(ConnectionBase):
     async def _ensure_upstream(self) -> bool:
         if self.h_up is not None:
             return True
-        pool = self.service.pool
         try:
-            self.upstream, address = await pool.connect()
+            self.upstream, address = await self.connect_backend()
         except BackendUnavailable as exc:
             await self.execute(self._upstream_failed("backend_unavailable", str(exc)))
             return False

@@ -120,7 +120,7 @@ class _Connection(ConnectionBase):
             if self.ended():
                 return
         try:
-            self.upstream, address = await self.service.pool.connect(self.proxy_header())
+            self.upstream, address = await self.connect_backend(self.proxy_header())
             self.backend_address = str(address)
             self.backend = address
         except BackendUnavailable as exc:

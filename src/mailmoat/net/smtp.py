@@ -135,7 +135,7 @@ class _Connection(ConnectionBase):
                 await self.execute(self.session.pregreet(early))
                 return
         try:
-            self.upstream, address = await self.service.pool.connect(self.proxy_header())
+            self.upstream, address = await self.connect_backend(self.proxy_header())
             self.backend_address = str(address)
             self.backend = address
             if isinstance(self.upstream, TlsStream):  # implicit TLS to the backend
