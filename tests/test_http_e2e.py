@@ -28,6 +28,7 @@ from mailmoat.demo.nginx import NginxInstance
 from mailmoat.demo.webapp import WebAppProcess, pattern_bytes, websocket_accept
 from mailmoat.events.journal import EventFilter, Journal
 from nginx_fixtures import NginxFactory
+from test_metrics import samples, series, value
 
 pytestmark = pytest.mark.e2e
 
@@ -488,6 +489,22 @@ severity = "low"
     # and normal traffic still flows
     ok = await acurl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/static/small.html")
     assert ok.stdout == b"200"
+    # every answer, mailmoat's own included, is in the request metrics
+    metrics = rn.node.metrics
+    assert metrics is not None
+    r, d = "mailmoat_http_requests_total", "mailmoat_http_request_duration_seconds"
+    with trio.fail_after(5):
+        while value(samples(metrics), f"{d}_count", listener="web") != 5:
+            await trio.sleep(0.02)
+    got_metrics = samples(metrics)
+    assert {k: value(got_metrics, r, listener="web", status=k) for k in ("200", "403", "451")} == {
+        "200": 2,
+        "403": 2,
+        "451": 1,
+    }
+    assert series(got_metrics, r) == [
+        {"listener": "web", "status": code} for code in ("403", "200", "451")
+    ]
 
 
 # --------------------------------------------------------------------------- failures

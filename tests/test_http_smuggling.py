@@ -53,6 +53,7 @@ from mailmoat.protocols.http import (
     RequestRefused,
 )
 from test_http_e2e import http_config
+from test_metrics import samples, value
 
 pytestmark = pytest.mark.e2e
 
@@ -842,6 +843,10 @@ async def test_a_refused_smuggle_is_a_blocked_session_in_the_journal(
         while not (found := list(journal.query(blocked))):
             await trio.sleep(0.05)
     assert [e["event.action"] for e in found] == ["session.close"]
+    # and the 400 is in the request metrics like any answer
+    assert rn.node.metrics is not None
+    got = samples(rn.node.metrics)
+    assert value(got, "mailmoat_http_requests_total", listener="web", status="400") == 1
 
 
 # --------------------------------------------------------------------------- slowloris

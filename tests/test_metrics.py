@@ -189,6 +189,24 @@ def test_handshake_and_backend_connect_latencies() -> None:
     assert value(got, f"{c}_bucket", protocol="smtp", listener="smtp", le="0.001") == 1
 
 
+def test_http_requests_by_status_with_their_latency() -> None:
+    m = NodeMetrics()
+    m.observe_http_request("web", 200, 0.004)
+    m.observe_http_request("web", 200, 0.2)
+    m.observe_http_request("web", 502, 2.0)
+    m.observe_http_request("web", 400, float("nan"))  # counted, not timed
+    m.observe_http_request("web", "x" * 500, 0.1)  # type: ignore[arg-type]  # bounded
+    got = samples(m)
+    r, d = "mailmoat_http_requests_total", "mailmoat_http_request_duration_seconds"
+    assert value(got, r, listener="web", status="200") == 2
+    assert value(got, r, listener="web", status="502") == 1
+    assert value(got, r, listener="web", status="400") == 1
+    assert value(got, r, listener="web", status="other") == 1
+    assert value(got, f"{d}_count", listener="web") == 4
+    assert value(got, f"{d}_bucket", listener="web", le="0.005") == 1
+    assert value(got, "mailmoat_metrics_errors_total") == 0
+
+
 def test_journal_drops_are_summed_and_alerts_counted() -> None:
     m = NodeMetrics()
     assert value(samples(m), "mailmoat_journal_dropped_events_total") == 0  # there before any drop

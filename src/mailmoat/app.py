@@ -249,6 +249,7 @@ async def run_node(
                     service = HttpService(
                         lc, pool, node.http_certs, emitter, holder, store, detector, salt
                     )
+                    service.observe_request = metrics.observe_http_request
                 else:
                     args = (lc, pool, node.certs, emitter, holder, store, detector, salt)
                     service = ImapService(*args) if lc.protocol == "imap" else SmtpService(*args)

@@ -166,6 +166,19 @@ class NodeMetrics:
             buckets=CONNECT_BUCKETS,
             registry=r,
         )
+        self.http_requests = Counter(
+            "mailmoat_http_requests",
+            "Requests an http listener answered, by listener and status sent to the client",
+            ["listener", "status"],
+            registry=r,
+        )
+        self.http_request_duration = Histogram(
+            "mailmoat_http_request_duration_seconds",
+            "From a request's head to the end of its answer (backend time included)",
+            ["listener"],
+            buckets=CONNECT_BUCKETS,
+            registry=r,
+        )
         self.verdicts = Counter(
             "mailmoat_verdicts",
             "Verdicts by rule and what was done (rule.match, client.banned, risk.threshold)",
@@ -250,6 +263,19 @@ class NodeMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     # ------------------------------------------------------------------ handlers
+
+    def observe_http_request(self, listener: str, status: int, seconds: float) -> None:
+        """One request an http listener answered (called by the driver: a
+        request that passes is not an event, so this is the one figure that
+        does not come through :meth:`__call__`)."""
+        try:
+            name = self._labels.open("http.listener", listener)
+            code = self._labels.open("http.status", status)
+            self.http_requests.labels(name, code).inc()
+            if math.isfinite(seconds) and seconds >= 0:
+                self.http_request_duration.labels(name).observe(seconds)
+        except Exception:  # noqa: BLE001 - like a sink: never raise into the proxy
+            self.errors.inc()
 
     def _where(self, key: str, event: Mapping[str, Any]) -> tuple[str, str]:
         return (

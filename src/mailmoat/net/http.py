@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, final
 
@@ -108,6 +108,9 @@ class HttpService(ServiceBase):
     draining: bool = field(default=False, init=False)
     #: the read deadlines of connections waiting for their next request
     idle_waits: set[trio.CancelScope] = field(default_factory=set, init=False)
+    #: told of every request answered: (listener, status, seconds from its head
+    #: to the end of the answer); the node's metrics (no event per request)
+    observe_request: Callable[[str, int, float], None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         hc = self.listener.http
@@ -197,6 +200,8 @@ class _Connection(ConnectionBase):
         self.client_eof = False
         #: the request being answered: HEAD, its method
         self.method = b""
+        #: the status of the last response head sent to the client (0: none yet)
+        self.status = 0
         self.switched = False
         #: backend streams to close with the connection (replaced keep-alive legs)
         self._closing: list[trio.abc.Stream] = []
@@ -232,7 +237,11 @@ class _Connection(ConnectionBase):
                 request = await self._next_request()
                 if request is None:
                     break
-                await self._serve(request)
+                began, self.status = trio.current_time(), 0
+                try:
+                    await self._serve(request)
+                finally:
+                    self._observe(began)
                 if self.ended() or self.switched or self.pending is not None:
                     break
                 if not self._next_cycle():
@@ -241,8 +250,16 @@ class _Connection(ConnectionBase):
         except _Abort:
             pass
         if self.pending is not None:
+            began, self.status = trio.current_time(), 0
             with contextlib.suppress(_Abort):
                 await self._refuse(self.pending)
+            self._observe(began)
+
+    def _observe(self, began: float) -> None:
+        """One request answered (its status sent): into the node's request metrics."""
+        observe = self.service.observe_request
+        if observe is not None and self.status:
+            observe(self.service.listener.name, self.status, trio.current_time() - began)
 
     def _next_cycle(self) -> bool:
         """Both legs ready for the next request?  (Else the client connection closes.)"""
@@ -723,6 +740,8 @@ class _Connection(ConnectionBase):
 
     def _queue(self, event: Any) -> None:
         """An event for the client, written at the next :meth:`_flush`."""
+        if type(event) is h11.Response:
+            self.status = event.status_code
         try:
             data = self.h_client.send(event)
         except h11.LocalProtocolError as exc:
@@ -737,6 +756,8 @@ class _Connection(ConnectionBase):
             await self._send_client_raw(data)
 
     async def _send_client_event(self, event: Any) -> None:
+        if type(event) is h11.Response:
+            self.status = event.status_code
         try:
             data = self.h_client.send(event)
         except h11.LocalProtocolError as exc:
@@ -780,6 +801,7 @@ class _Connection(ConnectionBase):
                 await self._send_client_event(h11.Data(data=body))
             await self._send_client_event(h11.EndOfMessage())
         elif h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self.status = status
             await self._send_client_raw(_own_response(status, headers, body))
         if close:
             self.linger = True
