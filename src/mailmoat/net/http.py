@@ -756,14 +756,9 @@ class _Connection(ConnectionBase):
             await self._send_client_raw(data)
 
     async def _send_client_event(self, event: Any) -> None:
-        if type(event) is h11.Response:
-            self.status = event.status_code
-        try:
-            data = self.h_client.send(event)
-        except h11.LocalProtocolError as exc:
-            raise AssertionError(f"h11 refused our own event: {exc}") from exc
-        if data:
-            await self._send_client_raw(data)
+        """An event for the client, written now (after anything queued)."""
+        self._queue(event)
+        await self._flush()
 
     async def _send_client_raw(self, data: bytes) -> None:
         sent = _send_now(self.client, data)
