@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, final
 
+from mailmoat.secret import Secret
 from mailmoat.state.ops import Count, Distinct, DistinctPeek, Op, Peek, Store, normalize_ip
 
 from ._net import prefix_of
 from .tls import DOWNGRADE_MIN_LOGINS, INBOUND_WINDOW, SHARED_JA4_USERS
 
-__all__ = ["LoginDetector", "LoginFacts", "password_fingerprint", "prefix_of"]
+__all__ = ["LoginDetector", "LoginFacts", "fingerprint_of", "password_fingerprint", "prefix_of"]
 
 DEFAULT_WINDOW: Final = 600.0
 FINGERPRINT_HEX_DIGITS: Final = 8
@@ -67,6 +69,14 @@ def password_fingerprint(salt: bytes, password: bytes) -> str:
     """A salted 32-bit fingerprint of a password: tells passwords apart, reveals nothing."""
     digest = hmac.new(salt, password, hashlib.sha256).hexdigest()
     return digest[:FINGERPRINT_HEX_DIGITS]
+
+
+def fingerprint_of(password: Secret | None) -> Callable[[bytes], str | None] | None:
+    """What :class:`~mailmoat.session.commands.CheckLogin` takes for a sealed
+    ``password``: the salt to its fingerprint (``None`` without a password)."""
+    if password is None:
+        return None
+    return lambda salt: password_fingerprint(salt, password.reveal())
 
 
 @final

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, final
 
-from mailmoat.detect.login import LoginFacts, password_fingerprint
+from mailmoat.detect.login import LoginFacts, fingerprint_of
 from mailmoat.policy import RuleHolder, Verdict
 from mailmoat.protocols.http import SMUGGLING_REASONS, RequestFields, redact_query
 from mailmoat.secret import Secret
@@ -308,15 +308,8 @@ class HttpSession(PolicySession):
     def login_result(self, user: str, success: bool, status: int) -> list[Any]:
         """The backend answered a login request: the event, then the store's counters."""
         self.logins += 1
-        password, self._password = self._password, None
-        fingerprint: Callable[[bytes], str | None] | None
-        if password is None:
-            fingerprint = None
-        else:
-
-            def fingerprint(salt: bytes) -> str | None:
-                return password_fingerprint(salt, password.reveal())
-
+        fingerprint = fingerprint_of(self._password)
+        self._password = None
         outcome = "success" if success else "failure"
         self.transcript.note("s", f"HTTP/1.1 {status} (login {outcome} for {user[:128]})".encode())
         self.judge.ctx["auth"] = {"user": user, "mechanism": "form", "result": outcome}

@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, assert_never, final
 
-from mailmoat.detect.login import LoginFacts, password_fingerprint
+from mailmoat.detect.login import LoginFacts, fingerprint_of
 from mailmoat.errors import LocalProtocolError, RemoteProtocolError
 from mailmoat.policy import RuleHolder, Verdict, default_reply
 from mailmoat.protocols.imap import (
@@ -624,11 +624,7 @@ class ImapSession(PolicySession):
             user = pending.user.decode("utf-8", "replace")[:256]
             mechanism = "LOGIN"
             extra: dict[str, Any] = {}
-            password = pending.password
-
-            def fingerprint(salt: bytes) -> str | None:
-                return password_fingerprint(salt, password.reveal())
-
+            fingerprint = fingerprint_of(pending.password)
         else:
             sasl = self._sasl
             fingerprint = sasl.password_fingerprint if sasl is not None else None
