@@ -565,14 +565,6 @@ def read_allow_file(
     return entries, invalid
 
 
-def _covers(net: IPNetwork, address: IPNetwork) -> bool:
-    if isinstance(net, ipaddress.IPv4Network) and isinstance(address, ipaddress.IPv4Network):
-        return address.subnet_of(net)
-    if isinstance(net, ipaddress.IPv6Network) and isinstance(address, ipaddress.IPv6Network):
-        return address.subnet_of(net)
-    return False
-
-
 def list_allow(node: Node, list_names: list[str], ip: str | None) -> Response:
     """``GET /api/allow`` once its query is checked: the entries of each list's file.
 
@@ -608,7 +600,8 @@ def list_allow(node: Node, list_names: list[str], ip: str | None) -> Response:
         found_entries, found_invalid = read_allow_file(text)
         lists.append({**where, "count": len(found_entries), "invalid": len(found_invalid)})
         for net, fields in found_entries:
-            if address is not None and not _covers(net, address):
+            # an address of the other family is in no network of this one
+            if address is not None and address.network_address not in net:
                 continue
             entry = {**fields, **where, "active": net in in_force}
             if address is not None:
