@@ -55,12 +55,24 @@ class Session(Protocol):
     def shutdown(self) -> list[Any]: ...
     def finish(self) -> list[Any]: ...
     def client_tls_started(
-        self, version: str, cipher: str, sni: str | None, hello: ClientHelloFacts | None = None
+        self,
+        version: str,
+        cipher: str,
+        sni: str | None,
+        hello: ClientHelloFacts | None = None,
+        *,
+        handshake_ms: float | None = None,
     ) -> list[Any]: ...
     def client_tls_failed(
-        self, reason: str, hello: ClientHelloFacts | None = None
+        self,
+        reason: str,
+        hello: ClientHelloFacts | None = None,
+        *,
+        handshake_ms: float | None = None,
     ) -> list[Any]: ...
-    def upstream_tls_started(self, version: str, cipher: str) -> list[Any]: ...
+    def upstream_tls_started(
+        self, version: str, cipher: str, *, handshake_ms: float | None = None
+    ) -> list[Any]: ...
     def upstream_tls_failed(self, reason: str) -> list[Any]: ...
     def login_checked(
         self,
@@ -142,17 +154,6 @@ def hello_facts(record: bytes) -> ClientHelloFacts | None:
 
 def _ms_since(started: float) -> float:
     return round((trio.current_time() - started) * 1000, 2)
-
-
-def timed_handshake(commands: list[Any], ms: float) -> list[Any]:
-    """The session's answer to a handshake, its ``tls.handshake`` event given
-    ``tls.handshake_ms`` (the session has no clock; the driver timed it)."""
-    return [
-        replace(c, fields={**c.fields, "tls.handshake_ms": ms})
-        if isinstance(c, Emit) and c.action == "tls.handshake"
-        else c
-        for c in commands
-    ]
 
 
 class ConnectionBase:
@@ -382,13 +383,10 @@ class ConnectionBase:
         took = _ms_since(started)
         self.hello = hello_facts(tls.client_hello)
         if reason:
-            return timed_handshake(self.session.client_tls_failed(reason, self.hello), took)
+            return self.session.client_tls_failed(reason, self.hello, handshake_ms=took)
         self.client = tls
-        return timed_handshake(
-            self.session.client_tls_started(
-                tls.version or "", tls.cipher or "", tls.server_name, self.hello
-            ),
-            took,
+        return self.session.client_tls_started(
+            tls.version or "", tls.cipher or "", tls.server_name, self.hello, handshake_ms=took
         )
 
     async def upstream_handshake(self) -> list[Any]:
@@ -398,14 +396,13 @@ class ConnectionBase:
             assert self.backend is not None
             tls = await self.base_service.pool.start_tls(self.upstream, self.backend)
         except TlsError as exc:
-            out = self.session.upstream_tls_failed(exc.reason)
-            return timed_handshake(out, _ms_since(started))
+            return self.session.upstream_tls_failed(exc.reason)
         except trio.BrokenResourceError:
-            out = self.session.upstream_tls_failed("connection closed during handshake")
-            return timed_handshake(out, _ms_since(started))
+            return self.session.upstream_tls_failed("connection closed during handshake")
         self.upstream = tls
-        out = self.session.upstream_tls_started(tls.version or "", tls.cipher or "")
-        return timed_handshake(out, _ms_since(started))
+        return self.session.upstream_tls_started(
+            tls.version or "", tls.cipher or "", handshake_ms=_ms_since(started)
+        )
 
     async def copy_both_ways(
         self, upstream: trio.abc.Stream, idle_timeout: float, receive_size: int

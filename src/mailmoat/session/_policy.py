@@ -236,7 +236,12 @@ class PolicySession:
             ctx["tls"].update(tls)
 
     def _client_tls(
-        self, version: str, cipher: str, sni: str | None, hello: ClientHelloFacts | None
+        self,
+        version: str,
+        cipher: str,
+        sni: str | None,
+        hello: ClientHelloFacts | None,
+        handshake_ms: float | None,
     ) -> Emit:
         """Fill the ``tls.*`` context of a finished client handshake; its event."""
         tls = self.judge.ctx["tls"]
@@ -250,13 +255,25 @@ class PolicySession:
         if hello is not None:
             tls.update(hello.context())
             fields.update(hello.event_fields())
-        return Emit("tls.handshake", fields, outcome="success")
+        return Emit("tls.handshake", _timed(fields, handshake_ms), outcome="success")
 
-    def client_tls_failed(self, reason: str, hello: ClientHelloFacts | None = None) -> list[Any]:
+    @staticmethod
+    def _backend_tls(version: str, cipher: str, handshake_ms: float | None) -> Emit:
+        """The event of a finished STARTTLS handshake with the backend."""
+        fields = {"tls.version": version, "tls.cipher": cipher, "tls.leg": "backend"}
+        return Emit("tls.handshake", _timed(fields, handshake_ms), outcome="success")
+
+    def client_tls_failed(
+        self,
+        reason: str,
+        hello: ClientHelloFacts | None = None,
+        *,
+        handshake_ms: float | None = None,
+    ) -> list[Any]:
         fields: dict[str, Any] = {"tls.leg": "client", "error.message": reason}
         if hello is not None:
             fields.update(hello.event_fields())
-        out: list[Any] = [Emit("tls.handshake", fields, outcome="failure")]
+        out: list[Any] = [Emit("tls.handshake", _timed(fields, handshake_ms), outcome="failure")]
         if hello is not None and hello.fallback_scsv and "fallback" in reason:
             # RFC 7507: the client retried with an older version although we
             # speak a newer one -- something broke its first attempt on the way
@@ -338,3 +355,11 @@ class PolicySession:
         self.judge.ctx["session"]["close_reason"] = self.close_reason or "unknown"
         self._apply("close", out)
         return [c for c in out if not isinstance(c, SendToClient | Close)]
+
+
+def _timed(fields: dict[str, Any], handshake_ms: float | None) -> dict[str, Any]:
+    """``fields`` with ``tls.handshake_ms`` (the driver timed the handshake:
+    a session has no clock of its own) when it is known."""
+    if handshake_ms is not None:
+        fields["tls.handshake_ms"] = handshake_ms
+    return fields

@@ -188,9 +188,15 @@ class HttpSession(PolicySession):
         return self._hold(out, ban_remaining)
 
     def client_tls_started(
-        self, version: str, cipher: str, sni: str | None, hello: ClientHelloFacts | None = None
+        self,
+        version: str,
+        cipher: str,
+        sni: str | None,
+        hello: ClientHelloFacts | None = None,
+        *,
+        handshake_ms: float | None = None,
     ) -> list[Any]:
-        out: list[Any] = [self._client_tls(version, cipher, sni, hello)]
+        out: list[Any] = [self._client_tls(version, cipher, sni, hello, handshake_ms)]
         self._apply("tls", out)
         return self._hold(out)
 
@@ -208,14 +214,10 @@ class HttpSession(PolicySession):
         self._held = [*held, Close(reason)]
         return [c for c in out if not isinstance(c, Respond | Close)]
 
-    def upstream_tls_started(self, version: str, cipher: str) -> list[Any]:
-        return [
-            Emit(
-                "tls.handshake",
-                {"tls.version": version, "tls.cipher": cipher, "tls.leg": "backend"},
-                outcome="success",
-            )
-        ]
+    def upstream_tls_started(
+        self, version: str, cipher: str, *, handshake_ms: float | None = None
+    ) -> list[Any]:
+        return [self._backend_tls(version, cipher, handshake_ms)]
 
     def wants_request_facts(self) -> bool:
         """Must :meth:`request` run (rules at ``request``, or a held refusal)?

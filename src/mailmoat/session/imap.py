@@ -328,23 +328,21 @@ class ImapSession(PolicySession):
         cipher: str,
         sni: str | None,
         hello: ClientHelloFacts | None = None,
+        *,
+        handshake_ms: float | None = None,
     ) -> list[ImapCommand]:
         self.tls_active = True
         if self.state is State.CLIENT_TLS:
             self.reader = CommandReader(self.config.limits, non_sync=self._non_sync())
             self.state = State.COMMAND
-        out: list[ImapCommand] = [self._client_tls(version, cipher, sni, hello)]
+        out: list[ImapCommand] = [self._client_tls(version, cipher, sni, hello, handshake_ms)]
         self._apply("tls", out)
         return out
 
-    def upstream_tls_started(self, version: str, cipher: str) -> list[ImapCommand]:
-        out: list[ImapCommand] = [
-            Emit(
-                "tls.handshake",
-                {"tls.version": version, "tls.cipher": cipher, "tls.leg": "backend"},
-                outcome="success",
-            )
-        ]
+    def upstream_tls_started(
+        self, version: str, cipher: str, *, handshake_ms: float | None = None
+    ) -> list[ImapCommand]:
+        out: list[ImapCommand] = [self._backend_tls(version, cipher, handshake_ms)]
         # capabilities change with TLS (RFC 9051 §6.2.1): ask again
         self.backend_caps = ()
         out.append(SendToUpstream(OWN_TAG_CAP + b" CAPABILITY\r\n"))

@@ -369,6 +369,8 @@ class SmtpSession(PolicySession):
         cipher: str,
         sni: str | None,
         hello: ClientHelloFacts | None = None,
+        *,
+        handshake_ms: float | None = None,
     ) -> list[SessionCommand]:
         # RFC 3207 §4.2: "the server MUST discard any knowledge obtained from
         # the client ... which was not obtained from the TLS negotiation itself."
@@ -378,19 +380,15 @@ class SmtpSession(PolicySession):
             self.reader = CommandReader(self.config.limits)
             self.state = State.COMMAND
             self._smtp["helo"] = ""
-        out: list[SessionCommand] = [self._client_tls(version, cipher, sni, hello)]
+        out: list[SessionCommand] = [self._client_tls(version, cipher, sni, hello, handshake_ms)]
         self._apply("tls", out)
         return out
 
-    def upstream_tls_started(self, version: str, cipher: str) -> list[SessionCommand]:
+    def upstream_tls_started(
+        self, version: str, cipher: str, *, handshake_ms: float | None = None
+    ) -> list[SessionCommand]:
         self.upstream_tls_active = True
-        out: list[SessionCommand] = [
-            Emit(
-                "tls.handshake",
-                {"tls.version": version, "tls.cipher": cipher, "tls.leg": "backend"},
-                outcome="success",
-            )
-        ]
+        out: list[SessionCommand] = [self._backend_tls(version, cipher, handshake_ms)]
         self._greet_client(out)
         return out
 
