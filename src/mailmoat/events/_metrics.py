@@ -19,7 +19,7 @@ ever carries a user name, an address or a session id.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, final
 
 from prometheus_client import (
@@ -133,102 +133,110 @@ class NodeMetrics:
         self._labels = _Bounded(max_label_values)
         self._active: dict[tuple[str, str], int] = {}
         r = self.registry
-        self.sessions = Counter(
+
+        # every metric in this node's own registry, labels as varargs
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float], *labels: str) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        self.sessions = counter(
             "mailmoat_sessions",
             "Sessions ended, by protocol, listener, outcome and close reason",
-            ["protocol", "listener", "outcome", "close_reason"],
-            registry=r,
+            "protocol",
+            "listener",
+            "outcome",
+            "close_reason",
         )
-        self.sessions_active = Gauge(
+        self.sessions_active = gauge(
             "mailmoat_sessions_active",
             "Sessions open now, by protocol and listener",
-            ["protocol", "listener"],
-            registry=r,
+            "protocol",
+            "listener",
         )
-        self.session_duration = Histogram(
+        self.session_duration = histogram(
             "mailmoat_session_duration_seconds",
             "How long sessions lasted, from accept to close",
-            ["protocol", "listener"],
-            buckets=SESSION_BUCKETS,
-            registry=r,
+            SESSION_BUCKETS,
+            "protocol",
+            "listener",
         )
-        self.backend_connect = Histogram(
+        self.backend_connect = histogram(
             "mailmoat_backend_connect_seconds",
             "How long connecting to the backend took (TCP, PROXY header, implicit TLS)",
-            ["protocol", "listener"],
-            buckets=CONNECT_BUCKETS,
-            registry=r,
+            CONNECT_BUCKETS,
+            "protocol",
+            "listener",
         )
-        self.tls_handshake_time = Histogram(
+        self.tls_handshake_time = histogram(
             "mailmoat_tls_handshake_seconds",
             "How long TLS handshakes took, by leg (client or backend) and outcome",
-            ["leg", "outcome"],
-            buckets=CONNECT_BUCKETS,
-            registry=r,
+            CONNECT_BUCKETS,
+            "leg",
+            "outcome",
         )
-        self.http_requests = Counter(
+        self.http_requests = counter(
             "mailmoat_http_requests",
             "Requests an http listener answered, by listener and status sent to the client",
-            ["listener", "status"],
-            registry=r,
+            "listener",
+            "status",
         )
-        self.http_request_duration = Histogram(
+        self.http_request_duration = histogram(
             "mailmoat_http_request_duration_seconds",
             "From a request's head to the end of its answer (backend time included)",
-            ["listener"],
-            buckets=CONNECT_BUCKETS,
-            registry=r,
+            CONNECT_BUCKETS,
+            "listener",
         )
-        self.verdicts = Counter(
+        self.verdicts = counter(
             "mailmoat_verdicts",
             "Verdicts by rule and what was done (rule.match, client.banned, risk.threshold)",
-            ["rule_id", "action"],
-            registry=r,
+            "rule_id",
+            "action",
         )
-        self.auth_attempts = Counter(
+        self.auth_attempts = counter(
             "mailmoat_auth_attempts",
             "Login attempts relayed to the backend, by protocol and outcome",
-            ["protocol", "outcome"],
-            registry=r,
+            "protocol",
+            "outcome",
         )
-        self.tls_handshakes = Counter(
+        self.tls_handshakes = counter(
             "mailmoat_tls_handshakes",
             "TLS handshakes by leg (client or backend), version and outcome",
-            ["leg", "version", "outcome"],
-            registry=r,
+            "leg",
+            "version",
+            "outcome",
         )
-        self.journal_dropped = Counter(
+        self.journal_dropped = counter(
             "mailmoat_journal_dropped_events",
             "Events the journal writer could not take (its queue was full)",
-            registry=r,
         )
-        self.rules_reloads = Counter(
+        self.rules_reloads = counter(
             "mailmoat_rules_reloads",
             "Rule loads and reloads by trigger and outcome",
-            ["trigger", "outcome"],
-            registry=r,
+            "trigger",
+            "outcome",
         )
-        self.rules_loaded = Gauge(
+        self.rules_loaded = gauge(
             "mailmoat_rules_loaded",
             "Rules in force (after a failed reload: the previous set, still in force)",
-            registry=r,
         )
-        self.alerts = Counter(
+        self.alerts = counter(
             "mailmoat_alerts",
             "Alert events (event.kind alert) by action",
-            ["action"],
-            registry=r,
+            "action",
         )
-        self.bans = Counter(
+        self.bans = counter(
             "mailmoat_bans",
             "Client addresses banned, by the rule that decided the ban",
-            ["rule_id"],
-            registry=r,
+            "rule_id",
         )
-        self.errors = Counter(
+        self.errors = counter(
             "mailmoat_metrics_errors",
             "Events the metrics sink could not count (malformed)",
-            registry=r,
         )
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "session.open": self._session_open,
