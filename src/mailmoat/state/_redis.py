@@ -38,7 +38,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import Any, Final, final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ._memory import normalize_ip
@@ -55,10 +55,8 @@ from ._ops import (
     PutProfile,
     StoreUnavailable,
 )
+from ._resp import RespPool
 from ._wire import RespError, RespProtocolError
-
-if TYPE_CHECKING:
-    from ._resp import RespPool
 
 __all__ = ["RedisStore", "StoreUnavailable", "redis_client"]
 
@@ -213,8 +211,6 @@ async def redis_client(url: str, *, timeout: float = 0.5) -> AsyncIterator[Any]:
 def lean_pool(url: str) -> RespPool | None:
     """mailmoat's own pipeline client for a plain single server (``redis://``
     without options but ``db``, or ``unix://``); ``None``: coredis's turn."""
-    from ._resp import RespPool
-
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     query = {k: v[-1] for k, v in parse_qs(parts.query).items() if v}
@@ -336,7 +332,7 @@ class RedisStore:
     ) -> None:
         self._client = client
         #: mailmoat's own client (a plain server), or ``None``: coredis
-        self._lean: RespPool | None = client if getattr(client, "lean", False) else None
+        self._lean: RespPool | None = client if isinstance(client, RespPool) else None
         self.prefix = prefix
         self.timeout = timeout
         self._clock = clock

@@ -19,8 +19,8 @@ Contract:
   cleanly (cancelled, timed out, failed, a malformed reply) is closed, never
   reused: a late reply can never be read as the answer to the next batch.
 * Failures to reach or talk to Redis raise :class:`OSError` (a lost
-  connection is a :class:`ConnectionError`, never a trio exception: the
-  store that catches them may not import trio) or :class:`RespProtocolError`.
+  connection is a :class:`ConnectionError`, so the store catches the same
+  failures as from coredis) or :class:`RespProtocolError`.
 * Bulk strings are decoded as UTF-8 (invalid bytes replaced): the store keeps
   only text it wrote itself.
 """
@@ -80,9 +80,6 @@ class RespPool:
     ``host``/``port`` for TCP, or ``path`` for a Unix socket; ``username`` /
     ``password`` for AUTH, ``db`` for SELECT, sent once per new connection.
     """
-
-    #: what ``RedisStore`` looks for (it may not import this trio module)
-    lean = True
 
     def __init__(
         self,

@@ -4,7 +4,7 @@
 :func:`parse_reply` reads one reply from a buffer, or says it is incomplete.
 A Redis error reply is a :class:`RespError` *value*; bytes that are not RESP2
 raise :class:`RespProtocolError`.  Used by the lean client (``_resp.py``) and
-by ``RedisStore``, which must import without trio (tier rules).
+by ``RedisStore`` (its error types); tested alone, without a server.
 """
 
 from __future__ import annotations
